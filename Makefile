@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` and `make test` (each creates .venv if missing).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN_ENV := NO_ALBUMENTATIONS_UPDATE=1 MLFLOW_DISABLE_TELEMETRY=true RAY_AUTH_MODE=disabled \
+	HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=disabled WANDB_SILENT=true
+# The CPU build of torch lies on disk here; on CUDA machines set TORCH_SPEC to the wheel you want.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test test-fast bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p runs/demo/tmp
+	$(RUN_ENV) TMPDIR=$(CURDIR)/runs/demo/tmp $(VENV)/bin/qwenflux demo --config pipelines/configs/tiny.toml
+
+test: $(STAMP)
+	mkdir -p .tmp
+	$(RUN_ENV) TMPDIR=$(CURDIR)/.tmp $(PY) -m pytest -q tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "no tests selected"; rc=0; fi; exit $$rc
+
+test-fast: $(STAMP)
+	mkdir -p .tmp
+	$(RUN_ENV) TMPDIR=$(CURDIR)/.tmp $(PY) -m pytest -q -m "not slow and not integration" tests; \
+	  rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+bench: $(STAMP)
+	mkdir -p .tmp
+	$(RUN_ENV) TMPDIR=$(CURDIR)/.tmp $(PY) tests/benchmarks/bench_data.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipelines components model tests
+
+clean:
+	rm -rf runs .tmp .pytest_cache

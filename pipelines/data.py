@@ -1,0 +1,389 @@
+"""The data workflow: url list -> policy -> img2dataset (Ray tasks) -> filters -> buckets ->
+dedup -> encoder actor pool (Ray Data) -> Parquet shards + manifest.
+
+Unit of resume: a chunk of source rows for download/filter/bucket (one outcome file per chunk)
+and a (chunk, bucket) group for encoding (one shard file per group). A rerun of the same config
+skips every piece whose file exists, so a killed run finishes with exactly the keys of an
+uninterrupted one. Every source row ends in exactly one outcome row ("kept" or a reason).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from components import shards
+from components.buckets import build_buckets, fit_to_bucket
+from components.download import download_chunk
+from components.filters import Rejection, filter_sample, find_duplicates, normalise_image
+from components.url_policy import check_url
+from pipelines.config import DataConfig, PipelineConfig
+from pipelines.config_loading import config_hash
+from pipelines.data_layout import (
+    OUTCOME_SCHEMA,
+    SCORE_COLUMNS,
+    DataLayout,
+    read_url_list,
+    table_sha256,
+    write_table_atomic,
+)
+from pipelines.data_report import DataSummary, build_manifest, write_encoder_description
+from pipelines.ray_session import ray_session
+
+ENCODE_SLICE_ROWS = 64
+"""Samples encoded and written per slice inside one group (bounds actor memory)."""
+
+
+class RunStateError(RuntimeError):
+    """A run directory that holds a run of a different config or source list."""
+
+
+def run_data(config: PipelineConfig, *, show_progress: bool = True) -> DataSummary:
+    """Run (or resume) the whole data pipeline; returns the summary the manifest holds."""
+    layout = DataLayout(Path(config.run.root))
+    with _served_source(config, layout) as (source, base_url):
+        _check_state(layout, config.data, source)
+        chunks = _chunk_rows(source, config.data.resources.chunk_size)
+        with ray_session(config.run, temp_root=layout.root):
+            _process_chunks(chunks, layout=layout, config=config.data, base_url=base_url)
+            duplicates = _mark_duplicates(layout, len(chunks), config.data)
+            _encode_groups(layout, config=config.data, duplicates=duplicates)
+        return build_manifest(
+            layout,
+            config=config,
+            source=source,
+            num_chunks=len(chunks),
+            duplicates=duplicates,
+        )
+
+
+@contextlib.contextmanager
+def _served_source(config: PipelineConfig, layout: DataLayout) -> Iterator[tuple[pa.Table, str]]:
+    """The url list, with a loopback server over `serve_dir` (or the synthetic corpus)."""
+    from components.loopback_server import LoopbackServer
+
+    source_config = config.data.source
+    url_list, serve_dir = source_config.url_list, source_config.serve_dir
+    if not url_list:
+        serve_dir = str(layout.data / "corpus")
+        url_list = str(_write_demo_corpus(Path(serve_dir), config))
+    source = read_url_list(Path(url_list))
+    if not serve_dir:
+        yield source, ""
+        return
+    with LoopbackServer(Path(serve_dir)) as server:
+        yield source, server.base_url
+
+
+def _write_demo_corpus(folder: Path, config: PipelineConfig) -> Path:
+    from components.demo_corpus import write_synthetic_corpus, write_url_list
+
+    url_list = folder / "urls.parquet"
+    if not url_list.exists():
+        items = write_synthetic_corpus(
+            folder,
+            count=config.data.source.synthetic_count,
+            seed=config.run.seed,
+            max_side_px=config.data.source.synthetic_max_side_px,
+        )
+        write_url_list(items, url_list)
+    return url_list
+
+
+def _state_fingerprint(config: DataConfig) -> str:
+    """What a resumed run must share with the run that made its files."""
+    resources = replace(
+        config.resources, num_encoders=1, cpus_per_encoder=1.0, gpus_per_encoder=0.0
+    )
+    return config_hash(replace(config, resources=resources))
+
+
+def _check_state(layout: DataLayout, config: DataConfig, source: pa.Table) -> None:
+    state = {"config_hash": _state_fingerprint(config), "source_sha256": table_sha256(source)}
+    if layout.state.exists():
+        previous = json.loads(layout.state.read_text())
+        for key, value in state.items():
+            if previous.get(key) != value:
+                raise RunStateError(
+                    f"{layout.state}: this run directory was started with a different {key} "
+                    f"({previous.get(key)}); resume needs the same config and url list, "
+                    "or choose a new run.root"
+                )
+        return
+    shards.write_json_atomic(layout.state, state)
+    write_table_atomic(source, layout.source)
+
+
+def _chunk_rows(source: pa.Table, chunk_size: int) -> list[list[dict[str, Any]]]:
+    """Split the source into chunks; a url seen before is marked `duplicate_url`."""
+    seen: set[str] = set()
+    rows = source.to_pylist()
+    for row in rows:
+        row["duplicate_url"] = row["url"] in seen
+        seen.add(row["url"])
+    return [rows[start : start + chunk_size] for start in range(0, len(rows), chunk_size)]
+
+
+def _process_chunks(
+    chunks: list[list[dict[str, Any]]], *, layout: DataLayout, config: DataConfig, base_url: str
+) -> None:
+    import ray
+    from tqdm import tqdm
+
+    task = ray.remote(num_cpus=config.resources.cpus_per_chunk_task, max_retries=2)(process_chunk)
+    pending = [
+        task.remote(index, rows, layout_root=str(layout.root), config=config, base_url=base_url)
+        for index, rows in enumerate(chunks)
+        if not layout.chunk_outcome(index).exists()
+    ]
+    with tqdm(total=len(pending), desc="download+filter chunks", unit="chunk") as progress:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+            progress.update(len(done))
+
+
+def process_chunk(
+    index: int, rows: list[dict[str, Any]], *, layout_root: str, config: DataConfig, base_url: str
+) -> int:
+    """Policy + download + filter + bucket one chunk; writes its outcome file atomically."""
+    layout = DataLayout(Path(layout_root))
+    outcomes, to_download = [], []
+    for row in rows:
+        url = _resolve_url(row["url"], base_url)
+        refusal = "duplicate_url" if row["duplicate_url"] else check_url(url, config.url_policy)
+        if refusal:
+            outcomes.append(_outcome(row, stage="policy", reason=refusal))
+        else:
+            to_download.append({**row, "url": url})
+    if to_download:
+        downloads = _download(index, to_download, layout=layout, config=config)
+        by_key = {row["sample_key"]: row for row in rows}
+        for downloaded in downloads:
+            outcomes.append(_filter_row(by_key[downloaded["key"]], downloaded, config))
+    outcomes.sort(key=lambda outcome: outcome["sample_key"])
+    write_table_atomic(
+        pa.Table.from_pylist(outcomes, schema=OUTCOME_SCHEMA), layout.chunk_outcome(index)
+    )
+    return len(outcomes)
+
+
+def _resolve_url(url: str, base_url: str) -> str:
+    """Relative urls in a served source resolve against the loopback server."""
+    return urljoin(base_url, url) if base_url and not urlsplit(url).scheme else url
+
+
+def _download(
+    index: int, rows: list[dict[str, Any]], *, layout: DataLayout, config: DataConfig
+) -> list[dict[str, Any]]:
+    request = [
+        {"key": row["sample_key"], "url": row["url"], "caption": row["caption"]}
+        | {name: row.get(name) for name in SCORE_COLUMNS if name in row}
+        for row in rows
+    ]
+    result = download_chunk(request, out_dir=layout.chunk_dir(index), config=config.download)
+    return pq.read_table(result.path).to_pylist()
+
+
+def _filter_row(row: dict[str, Any], downloaded: dict[str, Any], config: DataConfig) -> dict:
+    if downloaded["status"] != "success" or downloaded.get("image") is None:
+        detail = downloaded.get("error_message") or ""
+        return _outcome(row, stage="download", reason=downloaded["status"], detail=detail)
+    scores = {name: row.get(name) for name in SCORE_COLUMNS}
+    result = filter_sample(
+        downloaded["image"],
+        row["caption"],
+        scores=scores,
+        config=config.filters,
+        buckets=config.buckets,
+    )
+    if isinstance(result, Rejection):
+        return _outcome(row, stage="filter", reason=result.reason, detail=result.detail)
+    return _outcome(row, stage="filter", reason="kept") | {
+        "bucket_id": result.bucket.bucket_id,
+        "source_width_px": result.width_px,
+        "source_height_px": result.height_px,
+        "image_sha256": result.image_sha256,
+        "phash": result.phash,
+    }
+
+
+def _outcome(row: dict[str, Any], *, stage: str, reason: str, detail: str = "") -> dict:
+    return {
+        "sample_key": row["sample_key"],
+        "url": row["url"],
+        "caption": row["caption"],
+        "stage": stage,
+        "reason": reason,
+        "detail": detail[:500],
+    }
+
+
+def read_outcomes(layout: DataLayout, num_chunks: int) -> pa.Table:
+    """All chunk outcome files as one table, in key order."""
+    tables = [pq.read_table(layout.chunk_outcome(index)) for index in range(num_chunks)]
+    return pa.concat_tables(tables) if tables else OUTCOME_SCHEMA.empty_table()
+
+
+def _mark_duplicates(layout: DataLayout, num_chunks: int, config: DataConfig) -> dict[str, tuple]:
+    """Exact and near duplicates over all kept rows; the lowest key wins. Deterministic."""
+    outcomes = read_outcomes(layout, num_chunks).filter(pa.compute.field("reason") == "kept")
+    entries = [
+        (row["sample_key"], row["image_sha256"], row["phash"])
+        for row in outcomes.select(["sample_key", "image_sha256", "phash"]).to_pylist()
+    ]
+    duplicates = find_duplicates(entries, max_distance=config.filters.phash_max_distance)
+    table = pa.table(
+        {
+            "sample_key": list(duplicates),
+            "reason": [reason for reason, _ in duplicates.values()],
+            "duplicate_of": [kept for _, kept in duplicates.values()],
+        },
+        schema=pa.schema([("sample_key", pa.string()), ("reason", pa.string()),
+                          ("duplicate_of", pa.string())]),
+    )
+    write_table_atomic(table, layout.duplicates)
+    return duplicates
+
+
+def _encode_groups(layout: DataLayout, *, config: DataConfig, duplicates: dict) -> None:
+    """Encode every (chunk, bucket) group that has no shard yet on the encoder actor pool."""
+    import ray
+
+    groups = _pending_groups(layout, duplicates)
+    if not groups:
+        return
+    resources = config.resources
+    results = (
+        ray.data.from_items(groups, override_num_blocks=len(groups))
+        .map_batches(
+            GroupEncoder,
+            fn_constructor_kwargs={"config": config},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(resources.num_encoders, len(groups))),
+            num_cpus=resources.cpus_per_encoder,
+            num_gpus=resources.gpus_per_encoder or None,
+        )
+        .take_all()
+    )
+    written = sum(int(result["num_rows"]) for result in results)
+    expected = sum(len(group["keys"]) for group in groups)
+    if written != expected:
+        raise RuntimeError(f"encoder wrote {written} rows for {expected} pending samples")
+
+
+def _pending_groups(layout: DataLayout, duplicates: dict) -> list[dict[str, Any]]:
+    groups = []
+    index = 0
+    while layout.chunk_outcome(index).exists():
+        kept = pq.read_table(layout.chunk_outcome(index)).to_pylist()
+        by_bucket: dict[str, list[str]] = {}
+        for row in kept:
+            if row["reason"] == "kept" and row["sample_key"] not in duplicates:
+                by_bucket.setdefault(row["bucket_id"], []).append(row["sample_key"])
+        for bucket_id, keys in sorted(by_bucket.items()):
+            if not shards.shard_path(layout.data, bucket_id, index).exists():
+                groups.append(
+                    {"chunk_index": index, "bucket_id": bucket_id, "keys": keys,
+                     "layout_root": str(layout.root)}
+                )
+        index += 1
+    return groups
+
+
+class GroupEncoder:
+    """Ray Data actor: encodes whole (chunk, bucket) groups and writes one shard per group.
+
+    Holds the encoders once per actor; input batch rows are group descriptors
+    (chunk_index, bucket_id, keys); output rows are (shard path, num_rows).
+    """
+
+    def __init__(self, config: DataConfig):
+        from components.encode import SampleEncoder
+
+        self._config = config
+        self._encoder = SampleEncoder(config.encode)
+        self._buckets = {bucket.bucket_id: bucket for bucket in build_buckets(config.buckets)}
+        self._layout_cache: dict[str, Any] = {}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        paths, counts = [], []
+        for position in range(len(batch["chunk_index"])):
+            shard = self._encode_group(
+                int(batch["chunk_index"][position]),
+                str(batch["bucket_id"][position]),
+                [str(key) for key in batch["keys"][position]],
+                Path(str(batch["layout_root"][position])),
+            )
+            paths.append(shard.path)
+            counts.append(shard.num_rows)
+        return {"shard": paths, "num_rows": counts}
+
+    def _encode_group(self, index: int, bucket_id: str, keys: list[str], root: Path):
+        layout = DataLayout(root)
+        write_encoder_description(layout, self._encoder.describe())
+        bucket = self._buckets[bucket_id]
+        rows = _downloaded_rows(layout, index, set(keys))
+        outcomes = {
+            row["sample_key"]: row for row in pq.read_table(layout.chunk_outcome(index)).to_pylist()
+        }
+        writer = shards.ShardWriter(
+            shards.shard_path(layout.data, bucket_id, index),
+            max_row_group_bytes=self._config.shards.max_row_group_bytes,
+            compression=self._config.shards.compression,
+        )
+        try:
+            for start in range(0, len(keys), ENCODE_SLICE_ROWS):
+                slice_keys = keys[start : start + ENCODE_SLICE_ROWS]
+                writer.write_rows(self._encode_slice(slice_keys, rows, outcomes, bucket))
+            return writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _encode_slice(self, keys, rows, outcomes, bucket) -> list[dict[str, Any]]:
+        max_pixels = self._config.filters.max_pixels
+        images = [fit_to_bucket(normalise_image(rows[key], max_pixels=max_pixels), bucket)
+                  for key in keys]
+        captions = [outcomes[key]["caption"] for key in keys]
+        encoded = self._encoder.encode(images, captions)
+        return [
+            {
+                "sample_key": key,
+                "url": outcomes[key]["url"],
+                "caption": outcomes[key]["caption"],
+                "bucket_id": bucket.bucket_id,
+                "width_px": bucket.width_px,
+                "height_px": bucket.height_px,
+                "source_width_px": outcomes[key]["source_width_px"],
+                "source_height_px": outcomes[key]["source_height_px"],
+                "image_sha256": outcomes[key]["image_sha256"],
+            }
+            | tensors
+            for key, tensors in zip(keys, encoded, strict=True)
+        ]
+
+
+def _downloaded_rows(layout: DataLayout, index: int, keys: set[str]) -> dict[str, bytes]:
+    """Original image bytes of `keys` from the chunk's img2dataset output."""
+    found: dict[str, bytes] = {}
+    for path in sorted(layout.chunk_dir(index).glob("*.parquet")):
+        table = pq.read_table(path, columns=["key", "image"])
+        for row in table.to_pylist():
+            if row["key"] in keys and row["image"] is not None:
+                found[row["key"]] = row["image"]
+    missing = keys - set(found)
+    if missing:
+        raise FileNotFoundError(
+            f"{layout.chunk_dir(index)}: downloaded bytes missing for {sorted(missing)[:5]}"
+        )
+    return found
+

@@ -1,0 +1,198 @@
+"""The data run's manifest and printed summary.
+
+The manifest (`<root>/data/manifest.json`) is the contract's index: format version, counts per
+bucket and per rejection reason, encoder ids/revisions/dtypes and layer cut, config and source
+hashes, every shard with its rows and bytes, bytes per sample per column, code version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from components import shards
+from components.buckets import build_buckets
+from pipelines.config_loading import config_hash
+from pipelines.data_layout import DataLayout, table_sha256
+
+ENCODERS_FILE = "encoders.json"
+
+
+@dataclass
+class DataSummary:
+    """Counts of one data run, as printed and as stored in the manifest."""
+
+    source_rows: int
+    downloaded: int
+    kept: int
+    encoded: int
+    rejected: dict[str, dict[str, int]]
+    per_bucket: dict[str, int]
+    bytes_per_sample: float
+    column_bytes_per_sample: dict[str, float] = field(default_factory=dict)
+    manifest_path: str = ""
+
+    def format(self) -> str:
+        """A human summary: downloaded, rejected by reason, per bucket, bytes per sample."""
+        lines = [
+            f"source rows     {self.source_rows}",
+            f"downloaded      {self.downloaded}",
+            f"kept + encoded  {self.encoded} (kept by filters {self.kept})",
+            "rejected by reason:",
+        ]
+        for stage, reasons in self.rejected.items():
+            for reason, count in sorted(reasons.items()):
+                lines.append(f"  {stage:<9} {reason:<24} {count}")
+        lines.append("samples per bucket:")
+        lines += [f"  {bucket:<12} {count}" for bucket, count in self.per_bucket.items()]
+        lines.append(f"bytes per sample (Parquet, compressed): {self.bytes_per_sample:,.0f}")
+        for name, size in self.column_bytes_per_sample.items():
+            lines.append(f"  {name:<32} {size:,.0f}")
+        lines.append(f"manifest: {self.manifest_path}")
+        return "\n".join(lines)
+
+
+def write_encoder_description(layout: DataLayout, description: dict[str, Any]) -> None:
+    """Called by encoder actors: what encoded the shards (same content from every actor)."""
+    shards.write_json_atomic(layout.data / ENCODERS_FILE, description)
+
+
+def build_manifest(
+    layout: DataLayout, *, config, source: pa.Table, num_chunks: int, duplicates: dict
+) -> DataSummary:
+    """Check the run's invariants, write the manifest and return the summary."""
+    from pipelines.data import read_outcomes
+
+    outcomes = read_outcomes(layout, num_chunks)
+    if outcomes.num_rows != source.num_rows:
+        raise RuntimeError(
+            f"{layout.work}: {outcomes.num_rows} outcomes for {source.num_rows} source rows"
+        )
+    rejected = _rejections(outcomes.to_pylist(), duplicates)
+    shard_entries, column_bytes = _shard_entries(layout)
+    encoded = sum(entry["num_rows"] for entry in shard_entries)
+    kept = sum(1 for reason in outcomes["reason"].to_pylist() if reason == "kept")
+    if encoded != kept - len(duplicates):
+        raise RuntimeError(f"{layout.data}: {encoded} encoded rows, expected {kept - len(duplicates)}")
+    per_bucket = _per_bucket(config, shard_entries)
+    total_bytes = sum(entry["num_bytes"] for entry in shard_entries)
+    summary = DataSummary(
+        source_rows=source.num_rows,
+        downloaded=sum(1 for stage in outcomes["stage"].to_pylist() if stage == "filter"),
+        kept=kept,
+        encoded=encoded,
+        rejected=rejected,
+        per_bucket={bucket: entry["num_samples"] for bucket, entry in per_bucket.items()},
+        bytes_per_sample=total_bytes / max(encoded, 1),
+        column_bytes_per_sample={name: size / max(encoded, 1) for name, size in column_bytes.items()},
+    )
+    manifest = {
+        "dataset_id": _dataset_id(shard_entries, config),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "config_hash": config_hash(config),
+        "source_sha256": table_sha256(source),
+        "preset": config.run.name,
+        "encoders": _encoder_description(layout),
+        "counts": {
+            "source_rows": summary.source_rows,
+            "downloaded": summary.downloaded,
+            "kept_by_filters": summary.kept,
+            "encoded": summary.encoded,
+            "rejected": summary.rejected,
+        },
+        "buckets": per_bucket,
+        "shards": shard_entries,
+        "bytes_per_sample": {
+            "parquet_file": summary.bytes_per_sample,
+            "columns_uncompressed": summary.column_bytes_per_sample,
+        },
+    }
+    summary.manifest_path = str(shards.write_manifest(layout.data, manifest))
+    return summary
+
+
+def _rejections(outcomes: list[dict[str, Any]], duplicates: dict) -> dict[str, dict[str, int]]:
+    counts: dict[str, Counter] = {}
+    for row in outcomes:
+        if row["reason"] != "kept":
+            counts.setdefault(row["stage"], Counter())[row["reason"]] += 1
+    for reason, _ in duplicates.values():
+        counts.setdefault("dedup", Counter())[reason] += 1
+    return {stage: dict(counter) for stage, counter in counts.items()}
+
+
+def _shard_entries(layout: DataLayout) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    entries, column_bytes = [], Counter()
+    for path in shards.list_shards(layout.data):
+        metadata_ = pq.read_metadata(path)
+        for group in range(metadata_.num_row_groups):
+            row_group = metadata_.row_group(group)
+            for column in range(row_group.num_columns):
+                chunk = row_group.column(column)
+                name = chunk.path_in_schema.split(".")[0]
+                if name in shards.REQUIRED_TENSORS + shards.OPTIONAL_TENSORS:
+                    column_bytes[name] += chunk.total_uncompressed_size
+        entries.append(
+            {
+                "path": str(path.relative_to(layout.data)),
+                "bucket_id": path.parent.name.removeprefix("bucket="),
+                "num_rows": metadata_.num_rows,
+                "num_bytes": path.stat().st_size,
+            }
+        )
+    return entries, dict(column_bytes)
+
+
+def _per_bucket(config, shard_entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every configured bucket, including empty ones, with its sample count."""
+    counts = Counter()
+    for entry in shard_entries:
+        counts[entry["bucket_id"]] += entry["num_rows"]
+    return {
+        bucket.bucket_id: {
+            "aspect": bucket.aspect_name,
+            "width_px": bucket.width_px,
+            "height_px": bucket.height_px,
+            "num_samples": counts.get(bucket.bucket_id, 0),
+        }
+        for bucket in build_buckets(config.data.buckets)
+    }
+
+
+def _encoder_description(layout: DataLayout) -> dict[str, Any]:
+    path = layout.data / ENCODERS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _dataset_id(shard_entries: list[dict[str, Any]], config) -> str:
+    digest = hashlib.sha256(config_hash(config).encode())
+    for entry in shard_entries:
+        digest.update(f"{entry['path']}:{entry['num_rows']}".encode())
+    return digest.hexdigest()[:16]
+
+
+def code_version() -> dict[str, str]:
+    """Package version and git commit of the code that ran."""
+    try:
+        version = metadata.version("qwen2vl-flux-pipeline")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True, cwd=Path(__file__).parent, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = "unknown"
+    return {"package": version, "git_sha": sha}

@@ -1,0 +1,52 @@
+"""Starting and reaching Ray the same way for laptops, CI and clusters.
+
+`ray_session(run)` joins `run.ray_address` when set, or starts an in-process cluster whose temp
+folder lives under the run directory (nothing is written to the shared system temp or home).
+A session that is already initialised (a test fixture, a Ray job) is reused and left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+# Ray's unix socket paths must stay under ~107 bytes; deep run folders get a short temp root.
+_MAX_TEMP_DIR_CHARS = 60
+
+
+def local_temp_dir(temp_root: Path) -> str:
+    """A short, run-local folder for Ray's session files."""
+    candidate = (temp_root / "ray").resolve()
+    if len(str(candidate)) > _MAX_TEMP_DIR_CHARS:
+        base = os.environ.get("TMPDIR") or tempfile.gettempdir()
+        candidate = Path(tempfile.mkdtemp(prefix="ray-", dir=base))
+    candidate.mkdir(parents=True, exist_ok=True)
+    return str(candidate)
+
+
+@contextlib.contextmanager
+def ray_session(run, *, temp_root: Path) -> Iterator[None]:
+    """Ray for the duration of a pipeline step (see module docstring)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if run.ray_address:
+        ray.init(address=run.ray_address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=run.local_num_cpus,
+            include_dashboard=False,
+            _temp_dir=local_temp_dir(temp_root),
+            log_to_driver=True,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
