@@ -13,8 +13,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-# Ray's unix socket paths must stay under ~107 bytes; deep run folders get a short temp root.
-_MAX_TEMP_DIR_CHARS = 60
+# Ray puts unix sockets at <temp>/session_<date>_<pid>/sockets/plasma_store (~62 more bytes) and
+# the kernel caps such paths at 107 bytes: deep run folders get a short temp root instead.
+_MAX_TEMP_DIR_CHARS = 44
 
 
 def local_temp_dir(temp_root: Path) -> str:
@@ -22,6 +23,8 @@ def local_temp_dir(temp_root: Path) -> str:
     candidate = (temp_root / "ray").resolve()
     if len(str(candidate)) > _MAX_TEMP_DIR_CHARS:
         base = os.environ.get("TMPDIR") or tempfile.gettempdir()
+        if len(base) > _MAX_TEMP_DIR_CHARS - 14:
+            base = "/tmp"
         candidate = Path(tempfile.mkdtemp(prefix="ray-", dir=base))
     candidate.mkdir(parents=True, exist_ok=True)
     return str(candidate)

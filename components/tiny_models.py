@@ -1,0 +1,187 @@
+"""Tiny random checkpoints on disk, in the layouts of the real ones.
+
+Input: an output folder and a seed. Output (deterministic from the seed, byte-identical rebuilds):
+  <out>/qwen2-vl/  layout of Qwen/Qwen2-VL-7B-Instruct: config.json, sharded model-*.safetensors
+                   + model.safetensors.index.json (legacy names model.layers.N.*, visual.*,
+                   lm_head.weight), tokenizer.json/tokenizer_config.json with the Qwen2-VL special
+                   tokens and chat template, chat_template.json, preprocessor_config.json.
+  <out>/flux/      diffusers layout of black-forest-labs/FLUX.1-dev: model_index.json,
+                   transformer/ (sharded), vae/, text_encoder/ + tokenizer/ (CLIP), scheduler/.
+  <out>/tiny_models.json  marker written last; a build with the same seed is skipped.
+Everything loads back through the usual from_pretrained calls.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPTextModel,
+    CLIPTokenizer,
+    Qwen2Tokenizer,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from model import presets
+
+MARKER_NAME = "tiny_models.json"
+BUILD_FORMAT = 1
+QWEN2VL_SHARD_SIZE = "40KB"
+FLUX_SHARD_SIZE = "120KB"
+
+# Written for this project; mirrors what the released Qwen2-VL template renders: a default system
+# turn, images as <|vision_start|><|image_pad|><|vision_end|>, and the assistant generation prompt.
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_TOKENIZER_CORPUS = (
+    "You are a helpful assistant.",
+    "Describe this image.",
+    "system user assistant",
+    "a photo of a red cat sitting on a blue chair in the sun",
+    "a painting of a mountain lake at dawn, soft light, high detail",
+    "an old city street with shops, people and bicycles",
+    "close up portrait of a dog with green eyes",
+    "the quick brown fox jumps over the lazy dog 0123456789",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TinyModelPaths:
+    """Where build_tiny_models put the checkpoints."""
+
+    root: Path
+    qwen2vl: Path
+    flux: Path
+
+
+def build_tiny_models(out_dir: Path, *, seed: int = 0) -> TinyModelPaths:
+    """Write tiny Qwen2-VL and FLUX checkpoints under out_dir (skipped if already built)."""
+    out_dir = Path(out_dir)
+    paths = TinyModelPaths(root=out_dir, qwen2vl=out_dir / "qwen2-vl", flux=out_dir / "flux")
+    marker = _marker_content(seed)
+    marker_path = out_dir / MARKER_NAME
+    if marker_path.is_file() and json.loads(marker_path.read_text()) == marker:
+        return paths
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker_path.unlink(missing_ok=True)
+    staging = out_dir / f".build-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    _write_qwen2vl(staging / "qwen2-vl", seed=seed)
+    _write_flux(staging / "flux", seed=seed)
+    for final in (paths.qwen2vl, paths.flux):
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging / final.name, final)
+    staging.rmdir()
+    _write_json_atomic(marker_path, marker)
+    return paths
+
+
+def _marker_content(seed: int) -> dict:
+    return {
+        "format": BUILD_FORMAT,
+        "seed": seed,
+        "transformers": transformers.__version__,
+        "diffusers": diffusers.__version__,
+    }
+
+
+def _write_json_atomic(path: Path, content: dict) -> None:
+    tmp_path = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp_path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp_path, path)
+
+
+def _write_qwen2vl(out: Path, *, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(presets.tiny_qwen2vl_config())
+    model.save_pretrained(out, max_shard_size=QWEN2VL_SHARD_SIZE)
+    tokenizer = _build_qwen2vl_tokenizer()
+    tokenizer.save_pretrained(out)
+    _write_json_atomic(out / "chat_template.json", {"chat_template": QWEN2VL_CHAT_TEMPLATE})
+    Qwen2VLImageProcessorPil().save_pretrained(out)
+
+
+def _build_qwen2vl_tokenizer() -> Qwen2Tokenizer:
+    """Byte-level BPE trained in-process; special tokens hold ids 0.. (see presets)."""
+    trainer = trainers.BpeTrainer(
+        vocab_size=presets.TINY_QWEN2VL_VOCAB_SIZE - 64,
+        special_tokens=list(presets.QWEN2VL_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(list(_TOKENIZER_CORPUS) * 4, trainer)
+    model_json = json.loads(backend.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(
+        vocab=model_json["vocab"],
+        merges=[tuple(merge) for merge in model_json["merges"]],
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+    )
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": list(presets.QWEN2VL_SPECIAL_TOKENS)}
+    )
+    tokenizer.chat_template = QWEN2VL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _write_flux(out: Path, *, seed: int) -> None:
+    torch.manual_seed(seed + 1)
+    transformer = FluxTransformer2DModel(**presets.tiny_flux_transformer_kwargs())
+    transformer.save_pretrained(out / "transformer", max_shard_size=FLUX_SHARD_SIZE)
+    torch.manual_seed(seed + 2)
+    AutoencoderKL(**presets.tiny_vae_kwargs()).save_pretrained(out / "vae")
+    torch.manual_seed(seed + 3)
+    CLIPTextModel(presets.tiny_clip_text_config()).save_pretrained(out / "text_encoder")
+    _build_clip_tokenizer().save_pretrained(out / "tokenizer")
+    FlowMatchEulerDiscreteScheduler(**presets.flux_scheduler_kwargs()).save_pretrained(
+        out / "scheduler"
+    )
+    _write_json_atomic(out / "model_index.json", _flux_model_index())
+
+
+def _build_clip_tokenizer() -> CLIPTokenizer:
+    """Character-level CLIP tokenizer: every byte symbol, plain and word-final (</w>)."""
+    vocab = {token: index for index, token in enumerate(presets.CLIP_SPECIAL_TOKENS)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+        vocab[symbol + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _flux_model_index() -> dict:
+    return {
+        "_class_name": "FluxPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": [None, None],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": [None, None],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }

@@ -1,0 +1,175 @@
+"""Model presets: facts about the real checkpoints and builders for the tiny ones.
+
+Pure config builders, no I/O. Inputs: nothing (or a seed-free size choice). Outputs: transformers
+config objects (Qwen2-VL, CLIP text) and diffusers constructor kwargs (FLUX transformer, VAE,
+scheduler). The tiny models mirror the real layouts (16 latent channels, /8 VAE, 2x2 merge, 14 px
+patches, 3-D mrope) with dims small enough for CPU tests (< 1M params excluding vocab embeddings).
+"""
+
+from transformers import CLIPTextConfig, Qwen2VLConfig
+
+QWEN2VL_REAL_ID = "Qwen/Qwen2-VL-7B-Instruct"
+QWEN2VL_REAL_HIDDEN_SIZE = 3584
+QWEN2VL_REAL_NUM_LAYERS = 28
+FLUX_REAL_ID = "black-forest-labs/FLUX.1-dev"
+FLUX_REAL_JOINT_ATTENTION_DIM = 4096
+FLUX_REAL_POOLED_PROJECTION_DIM = 768
+FLUX_REAL_NUM_DOUBLE_BLOCKS = 19
+FLUX_REAL_NUM_SINGLE_BLOCKS = 38
+CLIP_REAL_ID = "openai/clip-vit-large-patch14"
+VAE_LATENT_CHANNELS = 16
+VAE_SCALE_FACTOR = 8
+VAE_SCALING_FACTOR = 0.3611
+VAE_SHIFT_FACTOR = 0.1159
+QWEN2VL_PATCH_SIZE = 14
+QWEN2VL_MERGE_SIZE = 2
+QWEN2VL_PIXELS_PER_TOKEN = (QWEN2VL_PATCH_SIZE * QWEN2VL_MERGE_SIZE) ** 2
+
+# Special tokens in the order Qwen2-VL numbers them (151643 upwards in the real vocabulary); the
+# tiny tokenizer gives them ids 0.. in this order so configs can name ids without reading files.
+QWEN2VL_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+CLIP_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+TINY_QWEN2VL_VOCAB_SIZE = 512
+TINY_QWEN2VL_HIDDEN_SIZE = 16
+TINY_QWEN2VL_NUM_LAYERS = 2
+TINY_CLIP_VOCAB_SIZE = 520
+TINY_FLUX_JOINT_ATTENTION_DIM = 32
+TINY_FLUX_POOLED_PROJECTION_DIM = 32
+
+
+def tiny_qwen2vl_token_id(token: str) -> int:
+    """Id of a Qwen2-VL special token in the tiny tokenizer (index in QWEN2VL_SPECIAL_TOKENS)."""
+    return QWEN2VL_SPECIAL_TOKENS.index(token)
+
+
+def tiny_qwen2vl_config() -> Qwen2VLConfig:
+    """Tiny Qwen2-VL: 2 text layers (hidden 16, 2 heads, mrope [1, 1, 2]), 2 vision blocks."""
+    text_config = {
+        "vocab_size": TINY_QWEN2VL_VOCAB_SIZE,
+        "hidden_size": TINY_QWEN2VL_HIDDEN_SIZE,
+        "intermediate_size": 32,
+        "num_hidden_layers": TINY_QWEN2VL_NUM_LAYERS,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+        "bos_token_id": tiny_qwen2vl_token_id("<|endoftext|>"),
+        "eos_token_id": tiny_qwen2vl_token_id("<|im_end|>"),
+        "pad_token_id": tiny_qwen2vl_token_id("<|endoftext|>"),
+    }
+    vision_config = {
+        "depth": 2,
+        "embed_dim": 16,
+        "hidden_size": TINY_QWEN2VL_HIDDEN_SIZE,
+        "num_heads": 2,
+        "mlp_ratio": 4,
+        "patch_size": QWEN2VL_PATCH_SIZE,
+        "spatial_merge_size": QWEN2VL_MERGE_SIZE,
+        "temporal_patch_size": 2,
+    }
+    return Qwen2VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=tiny_qwen2vl_token_id("<|image_pad|>"),
+        video_token_id=tiny_qwen2vl_token_id("<|video_pad|>"),
+        vision_start_token_id=tiny_qwen2vl_token_id("<|vision_start|>"),
+        vision_end_token_id=tiny_qwen2vl_token_id("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_flux_transformer_kwargs() -> dict:
+    """FluxTransformer2DModel kwargs: 2 double + 2 single blocks, 16 latent channels packed 2x2."""
+    return {
+        "patch_size": 1,
+        "in_channels": VAE_LATENT_CHANNELS * 4,
+        "num_layers": 2,
+        "num_single_layers": 2,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": TINY_FLUX_JOINT_ATTENTION_DIM,
+        "pooled_projection_dim": TINY_FLUX_POOLED_PROJECTION_DIM,
+        "guidance_embeds": True,
+        "axes_dims_rope": (4, 6, 6),
+    }
+
+
+def flux_dev_transformer_kwargs() -> dict:
+    """FluxTransformer2DModel kwargs of FLUX.1-dev (build on the meta device only: 11.9B params)."""
+    return {
+        "patch_size": 1,
+        "in_channels": VAE_LATENT_CHANNELS * 4,
+        "num_layers": FLUX_REAL_NUM_DOUBLE_BLOCKS,
+        "num_single_layers": FLUX_REAL_NUM_SINGLE_BLOCKS,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": FLUX_REAL_JOINT_ATTENTION_DIM,
+        "pooled_projection_dim": FLUX_REAL_POOLED_PROJECTION_DIM,
+        "guidance_embeds": True,
+        "axes_dims_rope": (16, 56, 56),
+    }
+
+
+def tiny_vae_kwargs() -> dict:
+    """AutoencoderKL kwargs: 4 blocks (/8), 16 latent channels, FLUX's scaling and shift factors."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (8, 8, 16, 16),
+        "layers_per_block": 1,
+        "latent_channels": VAE_LATENT_CHANNELS,
+        "norm_num_groups": 4,
+        "sample_size": 64,
+        "scaling_factor": VAE_SCALING_FACTOR,
+        "shift_factor": VAE_SHIFT_FACTOR,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    }
+
+
+def tiny_clip_text_config() -> CLIPTextConfig:
+    """Tiny CLIP-L-style text encoder; pooled size = the tiny FLUX pooled_projection_dim."""
+    return CLIPTextConfig(
+        vocab_size=TINY_CLIP_VOCAB_SIZE,
+        hidden_size=TINY_FLUX_POOLED_PROJECTION_DIM,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=TINY_FLUX_POOLED_PROJECTION_DIM,
+        bos_token_id=CLIP_SPECIAL_TOKENS.index("<|startoftext|>"),
+        eos_token_id=CLIP_SPECIAL_TOKENS.index("<|endoftext|>"),
+        pad_token_id=CLIP_SPECIAL_TOKENS.index("<|endoftext|>"),
+    )
+
+
+def flux_scheduler_kwargs() -> dict:
+    """FlowMatchEulerDiscreteScheduler kwargs of FLUX.1-dev (resolution-dependent shift)."""
+    return {
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    }

@@ -1,0 +1,86 @@
+"""Shared pytest fixtures: tiny checkpoints, a local Ray cluster, a tiny encoded dataset."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from components.tiny_models import TinyModelPaths, build_tiny_models
+
+for _key, _value in {
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--dataset-root",
+        default=None,
+        help="run the tests/data contract checks on this dataset root (<run>/data)",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyModelPaths:
+    """Tiny Qwen2-VL + FLUX checkpoints built once per session (seed 0)."""
+    return build_tiny_models(tmp_path_factory.mktemp("tiny_models"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory: pytest.TempPathFactory):
+    """One in-process Ray cluster for the session (fixed resources, run-local temp folder)."""
+    import ray
+
+    from pipelines.ray_session import local_temp_dir
+
+    ray.init(
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        _temp_dir=local_temp_dir(tmp_path_factory.mktemp("ray")),
+    )
+    yield
+    ray.shutdown()
+
+
+def tiny_config(root: Path, models: TinyModelPaths, *overrides: str):
+    """The tiny preset pointed at a test's run folder and the session's tiny checkpoints."""
+    from pipelines.config import load_config
+
+    return load_config(
+        "tiny",
+        [
+            f"run.root={root}",
+            f"data.encode.qwen2vl={models.qwen2vl}",
+            f"data.encode.flux={models.flux}",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_data_run(tmp_path_factory, tiny_models_dir, ray_local):
+    """The tiny data pipeline run once per session on the synthetic corpus."""
+    from pipelines.data import run_data
+
+    config = tiny_config(tmp_path_factory.mktemp("tiny_run"), tiny_models_dir,
+                         "data.source.synthetic_count=48", "data.resources.chunk_size=16")
+    summary = run_data(config, show_progress=False)
+    return config, summary
+
+
+@pytest.fixture(scope="session")
+def dataset_root(request) -> Path:
+    """`--dataset-root` when given, else the tiny run's dataset."""
+    given = request.config.getoption("--dataset-root")
+    if given:
+        return Path(given)
+    config, _ = request.getfixturevalue("tiny_data_run")
+    return Path(config.run.root) / "data"

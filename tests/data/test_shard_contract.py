@@ -1,0 +1,69 @@
+"""The shard contract, checked on a dataset root: the tiny one built here, or a real one with
+`pytest tests/data --dataset-root=/path/to/run/data`."""
+
+from collections import Counter
+
+import pyarrow.compute as pc
+import pytest
+
+from components import shards
+
+pytestmark = pytest.mark.data
+
+
+@pytest.fixture(scope="module")
+def tables(dataset_root):
+    return {path: shards.read_shard(path) for path in shards.list_shards(dataset_root)}
+
+
+def test_manifest_version_and_shard_list_match_the_files(dataset_root, tables):
+    manifest = shards.read_manifest(dataset_root)
+    listed = {entry["path"]: entry["num_rows"] for entry in manifest["shards"]}
+    on_disk = {str(path.relative_to(dataset_root)): table.num_rows for path, table in tables.items()}
+    assert listed == on_disk and sum(listed.values()) == manifest["counts"]["encoded"] > 0
+
+
+def test_every_shard_has_the_schema_of_its_format_version(tables):
+    for path, table in tables.items():
+        has_scales = "image_prompt_hidden_scale" in table.column_names
+        expected = shards.shard_schema(shards.tensor_names(has_scales))
+        assert table.schema.equals(expected, check_metadata=False), path
+
+
+def test_keys_unique_and_buckets_match_partition_and_manifest(dataset_root, tables):
+    manifest = shards.read_manifest(dataset_root)
+    keys, per_bucket = Counter(), Counter()
+    for path, table in tables.items():
+        bucket = path.parent.name.removeprefix("bucket=")
+        assert set(table["bucket_id"].to_pylist()) == {bucket}
+        keys.update(table["sample_key"].to_pylist())
+        per_bucket[bucket] += table.num_rows
+    assert max(keys.values()) == 1
+    assert {b: e["num_samples"] for b, e in manifest["buckets"].items() if e["num_samples"]} == dict(
+        per_bucket
+    )
+    assert len(manifest["buckets"]) == 5
+
+
+def test_no_duplicate_images_and_captions_present(tables):
+    hashes = [h for table in tables.values() for h in table["image_sha256"].to_pylist()]
+    assert len(hashes) == len(set(hashes))
+    for table in tables.values():
+        assert pc.all(pc.greater(pc.utf8_length(table["caption"]), 0)).as_py()
+
+
+def test_tensor_shapes_agree_within_each_row(tables):
+    for table in tables.values():
+        for sample in shards.iter_samples(table):
+            latent = sample["vae_latent"]
+            assert latent.shape[1] * 8 == sample["height_px"]
+            assert latent.shape[2] * 8 == sample["width_px"]
+            length = sample["image_prompt_hidden"].shape[0]
+            assert sample["image_prompt_position_ids"].shape == (3, length)
+            assert sample["image_prompt_attention_mask"].shape == (length,)
+            grid = sample["image_grid_thw"]
+            merged_tokens = int(grid.prod()) // 4
+            assert int(sample["image_prompt_image_mask"].sum()) == merged_tokens
+            caption_length = sample["caption_prompt_hidden"].shape[0]
+            assert sample["caption_prompt_position_ids"].shape == (3, caption_length)
+            assert sample["clip_pooled"].ndim == 1

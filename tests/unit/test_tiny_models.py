@@ -1,0 +1,130 @@
+"""Tiny checkpoints: real layouts, reload through from_pretrained, deterministic and idempotent."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from safetensors.torch import load_file
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    CLIPTextModel,
+    CLIPTokenizer,
+    Qwen2VLForConditionalGeneration,
+)
+
+from components.tiny_models import MARKER_NAME, build_tiny_models
+from model import presets
+
+pytestmark = pytest.mark.unit
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _shards(index_path: Path) -> dict[str, str]:
+    return json.loads(index_path.read_text())["weight_map"]
+
+
+def test_qwen2vl_is_sharded_with_legacy_tensor_names(tiny_models_dir):
+    weight_map = _shards(tiny_models_dir.qwen2vl / "model.safetensors.index.json")
+    assert len(set(weight_map.values())) > 1
+    assert {"model.layers.1.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight"} <= set(
+        weight_map
+    )
+    assert "visual.patch_embed.proj.weight" in weight_map
+    assert not any(name.startswith("model.language_model.") for name in weight_map)
+
+
+def test_qwen2vl_reloads_with_file_weights(tiny_models_dir):
+    root = tiny_models_dir.qwen2vl
+    model = Qwen2VLForConditionalGeneration.from_pretrained(root)
+    weight_map = _shards(root / "model.safetensors.index.json")
+    pairs = {
+        "model.norm.weight": model.model.language_model.norm.weight,
+        "model.layers.1.mlp.down_proj.weight": model.model.language_model.layers[
+            1
+        ].mlp.down_proj.weight,
+        "lm_head.weight": model.lm_head.weight,
+    }
+    for name, parameter in pairs.items():
+        stored = load_file(root / weight_map[name])[name]
+        assert torch.equal(stored, parameter.detach())
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers) == (16, presets.TINY_QWEN2VL_NUM_LAYERS)
+    assert text.rope_parameters["mrope_section"] == [1, 1, 2]
+
+
+def test_qwen2vl_tokenizer_and_image_processor_reload(tiny_models_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models_dir.qwen2vl)
+    for token in presets.QWEN2VL_SPECIAL_TOKENS:
+        assert tokenizer.convert_tokens_to_ids(token) == presets.tiny_qwen2vl_token_id(token)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = tokenizer(text)["input_ids"]
+    assert ids.count(presets.tiny_qwen2vl_token_id("<|image_pad|>")) == 1
+    processor = AutoImageProcessor.from_pretrained(tiny_models_dir.qwen2vl)
+    assert (processor.patch_size, processor.merge_size) == (14, 2)
+
+
+def test_flux_layout_reloads(tiny_models_dir):
+    root = tiny_models_dir.flux
+    index = json.loads((root / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+    weight_map = _shards(root / "transformer/diffusion_pytorch_model.safetensors.index.json")
+    assert len(set(weight_map.values())) > 1
+    transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer")
+    assert transformer.config.in_channels == 4 * presets.VAE_LATENT_CHANNELS
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
+    assert (vae.config.scaling_factor, vae.config.shift_factor) == (0.3611, 0.1159)
+    with torch.no_grad():
+        latent = vae.encode(torch.zeros(1, 3, 64, 48)).latent_dist.mean
+    assert latent.shape == (1, 16, 8, 6)
+    clip = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
+    clip_tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+    tokens = clip_tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        pooled = clip(tokens["input_ids"]).pooler_output
+    assert pooled.shape == (1, transformer.config.pooled_projection_dim)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
+    assert scheduler.config.use_dynamic_shifting and scheduler.config.max_shift == 1.15
+
+
+def test_tiny_models_stay_under_one_million_params():
+    torch.manual_seed(0)
+    qwen = Qwen2VLForConditionalGeneration(presets.tiny_qwen2vl_config())
+    vocab = qwen.lm_head.weight.numel() + qwen.model.language_model.embed_tokens.weight.numel()
+    assert sum(p.numel() for p in qwen.parameters()) - vocab < 1_000_000
+    flux = FluxTransformer2DModel(**presets.tiny_flux_transformer_kwargs())
+    assert sum(p.numel() for p in flux.parameters()) < 1_000_000
+
+
+def test_rebuild_with_same_seed_is_byte_identical(tiny_models_dir, tmp_path):
+    rebuilt = build_tiny_models(tmp_path / "again", seed=0)
+    assert _files(rebuilt.root) == _files(tiny_models_dir.root)
+    other = build_tiny_models(tmp_path / "other", seed=1)
+    first, second = _files(tiny_models_dir.root), _files(other.root)
+    assert first["qwen2-vl/config.json"] == second["qwen2-vl/config.json"]
+    assert (
+        first["flux/vae/diffusion_pytorch_model.safetensors"]
+        != (second["flux/vae/diffusion_pytorch_model.safetensors"])
+    )
+
+
+def test_complete_build_is_skipped_and_seed_change_rebuilds(tmp_path):
+    paths = build_tiny_models(tmp_path, seed=3)
+    shard = paths.qwen2vl / "model-00001-of-00005.safetensors"
+    shard.write_bytes(b"sentinel")
+    build_tiny_models(tmp_path, seed=3)
+    assert shard.read_bytes() == b"sentinel"
+    build_tiny_models(tmp_path, seed=4)
+    assert shard.read_bytes() != b"sentinel"
+    assert json.loads((tmp_path / MARKER_NAME).read_text())["seed"] == 4
+    assert not list(tmp_path.glob(".build-*"))
