@@ -17,7 +17,7 @@ from components.encode import (
     encode_hidden,
     resolve_checkpoint,
 )
-from model.qwen2vl_tail import Qwen2VLTail
+from model.qwen2vl_tail import Qwen2VLTail, pad_prompt_batch
 
 pytestmark = pytest.mark.unit
 
@@ -60,23 +60,15 @@ def full_model(tiny_models_dir) -> torch.nn.Module:
     return Qwen2VLForConditionalGeneration.from_pretrained(tiny_models_dir.qwen2vl).model.eval()
 
 
-def _right_pad(rows: list[torch.Tensor], length: int) -> torch.Tensor:
-    padded = [torch.nn.functional.pad(row, (0, length - row.shape[-1])) for row in rows]
-    return torch.stack(padded, dim=-2)
-
-
 def _replay_stored(samples, prompt: str, tail: Qwen2VLTail) -> torch.Tensor:
     """Re-batch stored per-sample tensors (right padding) and replay the last layer."""
-    length = max(sample[f"{prompt}_attention_mask"].shape[0] for sample in samples)
-    hidden = [
-        decode_hidden(sample[f"{prompt}_hidden"], sample.get(f"{prompt}_hidden_scale")).T
-        for sample in samples
-    ]
-    hidden_BLD = _right_pad(hidden, length).permute(1, 2, 0).contiguous()
-    positions = _right_pad([s[f"{prompt}_position_ids"].long() for s in samples], length)
-    mask = _right_pad([s[f"{prompt}_attention_mask"].long() for s in samples], length)
+    hidden_BLD, positions_3BL, mask_BL = pad_prompt_batch(
+        [decode_hidden(s[f"{prompt}_hidden"], s.get(f"{prompt}_hidden_scale")) for s in samples],
+        [s[f"{prompt}_position_ids"] for s in samples],
+        [s[f"{prompt}_attention_mask"] for s in samples],
+    )
     with torch.no_grad():
-        return tail(hidden_BLD, positions, mask)
+        return tail(hidden_BLD, positions_3BL, mask_BL)
 
 
 def _full_final_hidden(model, batch) -> torch.Tensor:
