@@ -145,3 +145,27 @@ def replay_last_layer(
         position_ids=None,
     )
     return tail.norm(hidden_BLD)
+
+
+def pad_prompt_batch(
+    hidden_LD: list[torch.Tensor],
+    position_ids_3L: list[torch.Tensor],
+    attention_mask_L: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Re-batch stored per-sample prompts with right padding for replay_last_layer.
+
+    Returns hidden_BLD (zeros at padding), position_ids_3BL (int64) and attention_mask_BL (int64,
+    0 at padding); stored slices hold only real tokens, so right padding keeps their positions.
+    """
+    length = max(hidden.shape[0] for hidden in hidden_LD)
+    hidden_BLD = torch.stack(
+        [nn.functional.pad(hidden, (0, 0, 0, length - hidden.shape[0])) for hidden in hidden_LD]
+    )
+    position_ids_3BL = torch.stack(
+        [nn.functional.pad(ids.long(), (0, length - ids.shape[-1])) for ids in position_ids_3L],
+        dim=1,
+    )
+    attention_mask_BL = torch.stack(
+        [nn.functional.pad(mask.long(), (0, length - mask.shape[0])) for mask in attention_mask_L]
+    )
+    return hidden_BLD, position_ids_3BL, attention_mask_BL
