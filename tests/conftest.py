@@ -66,6 +66,12 @@ def tiny_config(root: Path, models: TinyModelPaths, *overrides: str):
 
 
 @pytest.fixture(scope="session")
+def make_tiny_config():
+    """`make_tiny_config(root, models, *overrides)`: see `tiny_config`."""
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
 def tiny_data_run(tmp_path_factory, tiny_models_dir, ray_local):
     """The tiny data pipeline run once per session on the synthetic corpus."""
     from pipelines.data import run_data
