@@ -25,6 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	mkdir -p .tmp
+	$(VENV)/bin/ruff check pipelines components model tests
 	$(RUN_ENV) TMPDIR=$(CURDIR)/.tmp $(PY) -m pytest -q tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests selected"; rc=0; fi; exit $$rc
 

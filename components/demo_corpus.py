@@ -366,6 +366,12 @@ class _BadCorpusFiles:
                 html_caption,
                 KEPT,
             ),
+            _case(
+                "redirect_to_metadata",
+                f"{self.base_url}/redirect?to=http://169.254.169.254/latest/meta-data/",
+                "a public image that bounces to the cloud metadata service",
+                "redirect_refused",
+            ),
             _case("ftp_url", "ftp://127.0.0.1/pub/image.jpg", "an ftp image", "scheme_not_allowed"),
             _case(
                 "metadata_url",

@@ -11,11 +11,14 @@ Resizer (re-encoding disabled) and Parquet writer run in this process on threads
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ DOWNLOAD_FAILURE_REASONS: tuple[str, ...] = (
     "timeout",
     "too_large",
     "robots_disallowed",
+    "redirect_refused",
     "other_download_error",
     *REFUSAL_REASONS,
 )
@@ -62,6 +66,7 @@ _PARTIAL_PREFIX = ".download-partial-"
 _ROW_GROUP_ROWS = 256
 # Ordered: the first matching fragment of the lower-cased error message names the reason.
 _ERROR_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("redirect refused", "redirect_refused"),
     ("http error 404", "http_404"),
     ("http error", "http_error"),
     ("x-robots-tag", "robots_disallowed"),
@@ -142,9 +147,10 @@ def download_chunk(
     fetchable = [index for index, refusal in enumerate(refusals) if refusal is None]
     work_dir = out_dir / f"{_PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        fetched = _fetch_with_img2dataset(
-            [rows[index]["url"] for index in fetchable], work_dir=work_dir, config=config
-        )
+        with _redirects_checked(url_policy):
+            fetched = _fetch_with_img2dataset(
+                [rows[index]["url"] for index in fetchable], work_dir=work_dir, config=config
+            )
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     fetched = _take(fetched, positions=fetchable, num_rows=len(rows))
@@ -165,6 +171,41 @@ def download_chunk(
     pq.write_table(pa.table(columns), tmp_path, row_group_size=_ROW_GROUP_ROWS)
     os.replace(tmp_path, path)
     return DownloadedChunk(path=path, stats=_stats(statuses))
+
+
+class _PolicyRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a url the policy allows: a public url must not be able to
+    bounce the downloader onto a metadata or private address."""
+
+    def __init__(self, url_policy: UrlPolicyConfig) -> None:
+        super().__init__()
+        self._url_policy = url_policy
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: PLR0913
+        reason = check_url(newurl, self._url_policy)
+        if reason is not None:
+            raise urllib.error.HTTPError(
+                newurl, code, f"redirect refused ({reason}): {newurl}", headers, fp
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+@contextlib.contextmanager
+def _redirects_checked(url_policy: UrlPolicyConfig | None) -> Iterator[None]:
+    """img2dataset fetches through urllib's global opener: swap in a policy-checking one.
+
+    Process-wide while it lasts; Ray task workers run one chunk at a time, so nothing else in
+    the process fetches meanwhile.
+    """
+    if url_policy is None:
+        yield
+        return
+    previous = urllib.request._opener  # noqa: SLF001 (urllib has no getter for it)
+    urllib.request.install_opener(urllib.request.build_opener(_PolicyRedirectHandler(url_policy)))
+    try:
+        yield
+    finally:
+        urllib.request._opener = previous  # noqa: SLF001
 
 
 def classify_download_error(error_message: str | None) -> str:

@@ -6,6 +6,7 @@ Besides plain files it has the routes the bad-input corpus needs:
   /slow/<seconds>/<file>   waits, then serves <file>; other requests are served meanwhile
   /as-html/<file>          serves <file>'s bytes with Content-Type text/html
   /noai/<file>             serves <file> with the header "X-Robots-Tag: noai"
+  /redirect?to=<url>       answers 302 with Location <url>
 `closed_port_url()` gives a URL on 127.0.0.1 where nothing listens (connection refused).
 """
 
@@ -18,7 +19,7 @@ from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 LOOPBACK_HOST = "127.0.0.1"
 MAX_SLOW_SECONDS = 120.0
@@ -41,7 +42,10 @@ class _CorpusRequestHandler(SimpleHTTPRequestHandler):
 
     def _route(self) -> bool:
         """Apply a special route; True when the (rewritten) path should be served as a file."""
-        parts = self.path.split("?", 1)[0].lstrip("/").split("/")
+        path, _, query = self.path.partition("?")
+        parts = path.lstrip("/").split("/")
+        if parts[0] == "redirect":
+            return self._redirect(query)
         if parts[0] == "status" and len(parts) == 2:
             return self._send_status(parts[1])
         if parts[0] == "slow" and len(parts) >= 3:
@@ -53,6 +57,17 @@ class _CorpusRequestHandler(SimpleHTTPRequestHandler):
             self._extra_headers = (("X-Robots-Tag", "noai"),)
             self.path = "/" + "/".join(parts[1:])
         return True
+
+    def _redirect(self, query: str) -> bool:
+        targets = parse_qs(query).get("to")
+        if not targets:
+            self.send_error(HTTPStatus.BAD_REQUEST)
+            return False
+        self.send_response(HTTPStatus.FOUND)
+        self.send_header("Location", targets[0])
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return False
 
     def _send_status(self, code_text: str) -> bool:
         code = int(code_text) if code_text.isdigit() else 0

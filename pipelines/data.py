@@ -189,7 +189,13 @@ def _download(
         | {name: row.get(name) for name in SCORE_COLUMNS if name in row}
         for row in rows
     ]
-    result = download_chunk(request, out_dir=layout.chunk_dir(index), config=config.download)
+    # The policy goes along too: urls were checked above, redirects are checked as they happen.
+    result = download_chunk(
+        request,
+        out_dir=layout.chunk_dir(index),
+        config=config.download,
+        url_policy=config.url_policy,
+    )
     return pq.read_table(result.path).to_pylist()
 
 
@@ -247,8 +253,9 @@ def _mark_duplicates(layout: DataLayout, num_chunks: int, config: DataConfig) ->
             "reason": [reason for reason, _ in duplicates.values()],
             "duplicate_of": [kept for _, kept in duplicates.values()],
         },
-        schema=pa.schema([("sample_key", pa.string()), ("reason", pa.string()),
-                          ("duplicate_of", pa.string())]),
+        schema=pa.schema(
+            [("sample_key", pa.string()), ("reason", pa.string()), ("duplicate_of", pa.string())]
+        ),
     )
     write_table_atomic(table, layout.duplicates)
     return duplicates
@@ -292,8 +299,12 @@ def _pending_groups(layout: DataLayout, duplicates: dict) -> list[dict[str, Any]
         for bucket_id, keys in sorted(by_bucket.items()):
             if not shards.shard_path(layout.data, bucket_id, index).exists():
                 groups.append(
-                    {"chunk_index": index, "bucket_id": bucket_id, "keys": keys,
-                     "layout_root": str(layout.root)}
+                    {
+                        "chunk_index": index,
+                        "bucket_id": bucket_id,
+                        "keys": keys,
+                        "layout_root": str(layout.root),
+                    }
                 )
         index += 1
     return groups
@@ -351,8 +362,9 @@ class GroupEncoder:
 
     def _encode_slice(self, keys, rows, outcomes, bucket) -> list[dict[str, Any]]:
         max_pixels = self._config.filters.max_pixels
-        images = [fit_to_bucket(normalise_image(rows[key], max_pixels=max_pixels), bucket)
-                  for key in keys]
+        images = [
+            fit_to_bucket(normalise_image(rows[key], max_pixels=max_pixels), bucket) for key in keys
+        ]
         captions = [outcomes[key]["caption"] for key in keys]
         encoded = self._encoder.encode(images, captions)
         return [
@@ -386,4 +398,3 @@ def _downloaded_rows(layout: DataLayout, index: int, keys: set[str]) -> dict[str
             f"{layout.chunk_dir(index)}: downloaded bytes missing for {sorted(missing)[:5]}"
         )
     return found
-

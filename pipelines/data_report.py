@@ -83,7 +83,9 @@ def build_manifest(
     encoded = sum(entry["num_rows"] for entry in shard_entries)
     kept = sum(1 for reason in outcomes["reason"].to_pylist() if reason == "kept")
     if encoded != kept - len(duplicates):
-        raise RuntimeError(f"{layout.data}: {encoded} encoded rows, expected {kept - len(duplicates)}")
+        raise RuntimeError(
+            f"{layout.data}: {encoded} encoded rows, expected {kept - len(duplicates)}"
+        )
     per_bucket = _per_bucket(config, shard_entries)
     total_bytes = sum(entry["num_bytes"] for entry in shard_entries)
     summary = DataSummary(
@@ -94,7 +96,9 @@ def build_manifest(
         rejected=rejected,
         per_bucket={bucket: entry["num_samples"] for bucket, entry in per_bucket.items()},
         bytes_per_sample=total_bytes / max(encoded, 1),
-        column_bytes_per_sample={name: size / max(encoded, 1) for name, size in column_bytes.items()},
+        column_bytes_per_sample={
+            name: size / max(encoded, 1) for name, size in column_bytes.items()
+        },
     )
     manifest = {
         "dataset_id": _dataset_id(shard_entries, config),
@@ -191,7 +195,11 @@ def code_version() -> dict[str, str]:
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=True, cwd=Path(__file__).parent, timeout=5,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = "unknown"

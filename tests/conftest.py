@@ -76,8 +76,12 @@ def tiny_data_run(tmp_path_factory, tiny_models_dir, ray_local):
     """The tiny data pipeline run once per session on the synthetic corpus."""
     from pipelines.data import run_data
 
-    config = tiny_config(tmp_path_factory.mktemp("tiny_run"), tiny_models_dir,
-                         "data.source.synthetic_count=48", "data.resources.chunk_size=16")
+    config = tiny_config(
+        tmp_path_factory.mktemp("tiny_run"),
+        tiny_models_dir,
+        "data.source.synthetic_count=48",
+        "data.resources.chunk_size=16",
+    )
     summary = run_data(config, show_progress=False)
     return config, summary
 

@@ -19,7 +19,9 @@ def tables(dataset_root):
 def test_manifest_version_and_shard_list_match_the_files(dataset_root, tables):
     manifest = shards.read_manifest(dataset_root)
     listed = {entry["path"]: entry["num_rows"] for entry in manifest["shards"]}
-    on_disk = {str(path.relative_to(dataset_root)): table.num_rows for path, table in tables.items()}
+    on_disk = {
+        str(path.relative_to(dataset_root)): table.num_rows for path, table in tables.items()
+    }
     assert listed == on_disk and sum(listed.values()) == manifest["counts"]["encoded"] > 0
 
 
@@ -39,9 +41,9 @@ def test_keys_unique_and_buckets_match_partition_and_manifest(dataset_root, tabl
         keys.update(table["sample_key"].to_pylist())
         per_bucket[bucket] += table.num_rows
     assert max(keys.values()) == 1
-    assert {b: e["num_samples"] for b, e in manifest["buckets"].items() if e["num_samples"]} == dict(
-        per_bucket
-    )
+    assert {
+        b: e["num_samples"] for b, e in manifest["buckets"].items() if e["num_samples"]
+    } == dict(per_bucket)
     assert len(manifest["buckets"]) == 5
 
 

@@ -66,12 +66,16 @@ def test_kept_odd_images_are_encoded_in_their_buckets(bad_run):
     cases, config, _ = bad_run
     stored = {}
     for path in shards.list_shards(Path(config.run.root) / "data"):
-        table = pq.read_table(path, columns=["sample_key", "bucket_id", "source_width_px",
-                                             "source_height_px"])
+        table = pq.read_table(
+            path, columns=["sample_key", "bucket_id", "source_width_px", "source_height_px"]
+        )
         for row in table.to_pylist():
             stored[row["sample_key"]] = row
-    kept = {f"{i:09d}": case["case"] for i, case in enumerate(cases)
-            if case["expected_reason"] == "kept"}
+    kept = {
+        f"{i:09d}": case["case"]
+        for i, case in enumerate(cases)
+        if case["expected_reason"] == "kept"
+    }
     assert set(stored) == set(kept)
     by_case = {kept[key]: row for key, row in stored.items()}
     rotated = by_case["exif_rotated_jpeg"]

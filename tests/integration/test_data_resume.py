@@ -19,20 +19,35 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def _command(root: Path, models) -> list[str]:
     return [
-        sys.executable, "-m", "pipelines.cli", "data", "--config", "tiny",
-        "--set", f"run.root={root}",
-        "--set", f"data.encode.qwen2vl={models.qwen2vl}",
-        "--set", f"data.encode.flux={models.flux}",
-        "--set", "data.source.synthetic_count=40",
-        "--set", "data.resources.chunk_size=8",
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "data",
+        "--config",
+        "tiny",
+        "--set",
+        f"run.root={root}",
+        "--set",
+        f"data.encode.qwen2vl={models.qwen2vl}",
+        "--set",
+        f"data.encode.flux={models.flux}",
+        "--set",
+        "data.source.synthetic_count=40",
+        "--set",
+        "data.resources.chunk_size=8",
     ]
 
 
 def _run(command: list[str], *, kill_after: float | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, env=env, cwd=Path(__file__).parents[2],
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=env,
+        cwd=Path(__file__).parents[2],
     )
     if kill_after is not None:
         try:
@@ -47,8 +62,9 @@ def _shard_keys(root: Path) -> list[tuple[str, str]]:
     keys = []
     for path in shards.list_shards(root / "data"):
         table = pq.read_table(path, columns=["sample_key", "bucket_id"])
-        keys += list(zip(table["sample_key"].to_pylist(), table["bucket_id"].to_pylist(),
-                         strict=True))
+        keys += list(
+            zip(table["sample_key"].to_pylist(), table["bucket_id"].to_pylist(), strict=True)
+        )
     return sorted(keys)
 
 

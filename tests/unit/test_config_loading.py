@@ -55,12 +55,21 @@ def test_validation_error_names_the_section():
 
 def test_overrides_parse_against_field_types():
     table = {"label": "x", "inner": {"count": 1, "limit": 4}}
-    for assignment in ("inner.count=7", "inner.rate=2e-5", "flag=true", "inner.names=a,b",
-                       "inner.limit=none", "label=hello world"):
+    for assignment in (
+        "inner.count=7",
+        "inner.rate=2e-5",
+        "flag=true",
+        "inner.names=a,b",
+        "inner.limit=none",
+        "label=hello world",
+    ):
         apply_override(table, Outer, assignment)
     config = build(Outer, table)
-    assert config == Outer(label="hello world", flag=True,
-                           inner=Inner(count=7, rate=2e-5, names=("a", "b"), limit=None))
+    assert config == Outer(
+        label="hello world",
+        flag=True,
+        inner=Inner(count=7, rate=2e-5, names=("a", "b"), limit=None),
+    )
 
 
 def test_override_of_unknown_key_or_bad_value_fails():

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.unit
 
 BUCKET_ASPECTS = {"16:9": 16 / 9, "2:1": 2.0, "2.35:1": 2.35, "1:1": 1.0, "1:2": 0.5}
 BAD_CASES = {
+    "redirect_to_metadata": "redirect_refused",
     "reference": "kept",
     "duplicate_url": "duplicate_url",
     "exact_duplicate": "exact_duplicate",

@@ -21,7 +21,8 @@ from components.url_policy import UrlPolicyConfig
 pytestmark = pytest.mark.unit
 
 OUTPUT_NAMES = [name for name, _ in OUTPUT_COLUMNS]
-FAST = DownloadConfig(thread_count=8, timeout_seconds=0.5, retries=0)
+# Generous enough for a loaded 2-core CI box; the slow route waits 3 s, well past it.
+FAST = DownloadConfig(thread_count=8, timeout_seconds=1.5, retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +186,23 @@ def test_classify_download_error(message, reason):
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         DownloadConfig(**kwargs)
+
+
+def test_redirects_are_checked_against_the_policy(served, tmp_path):
+    root, server, items = served
+    policy = UrlPolicyConfig(allow_hosts=("127.0.0.1",), resolve_hostnames=False)
+    local_target = server.url(items[0].relpath)
+    rows = [
+        {"key": "to_loopback", "url": f"{server.base_url}/redirect?to={local_target}"},
+        {"key": "to_private", "url": f"{server.base_url}/redirect?to=http://10.1.2.3/a.jpg"},
+        {"key": "to_metadata", "url": f"{server.base_url}/redirect?to=http://169.254.169.254/"},
+    ]
+    result = download_chunk(rows, out_dir=tmp_path / "chunk", config=FAST, url_policy=policy)
+    written = {row["key"]: row for row in _read(result.path)}
+    assert written["to_loopback"]["status"] == "success"
+    assert _sha256(written["to_loopback"]["image"]) == _sha256(
+        (root / items[0].relpath).read_bytes()
+    )
+    for key, reason in (("to_private", "private_address"), ("to_metadata", "metadata_address")):
+        assert written[key]["status"] == "redirect_refused"
+        assert reason in written[key]["error_message"]

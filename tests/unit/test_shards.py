@@ -27,9 +27,17 @@ def test_bfloat16_is_stored_as_its_little_endian_bits():
 
 
 def _row(key: str, length: int) -> dict:
-    row = {"sample_key": key, "url": f"http://x/{key}", "caption": "c", "bucket_id": "64x64",
-           "width_px": 64, "height_px": 64, "source_width_px": 80, "source_height_px": 70,
-           "image_sha256": "0" * 64}
+    row = {
+        "sample_key": key,
+        "url": f"http://x/{key}",
+        "caption": "c",
+        "bucket_id": "64x64",
+        "width_px": 64,
+        "height_px": 64,
+        "source_width_px": 80,
+        "source_height_px": 70,
+        "image_sha256": "0" * 64,
+    }
     for name in shards.REQUIRED_TENSORS:
         row[name] = torch.arange(length * 2, dtype=torch.float32).reshape(length, 2)
     return row

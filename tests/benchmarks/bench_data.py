@@ -1,0 +1,410 @@
+"""Throughput of the data pipeline's CPU stages, measured side by side in one run.
+
+(A) download + filter + bucket: the pipeline's chunk stage (`pipelines.data.process_chunk` as Ray
+    tasks, started by the pipeline's own `_process_chunks`) against `img2dataset.download` alone,
+    both over the same synthetic corpus served on 127.0.0.1, in source rows per second.
+(B) encode: `pipelines.data.GroupEncoder` actors on a Ray Data actor pool (the call
+    `_encode_groups` makes) against one `GroupEncoder` looping in this process, on the same
+    (chunk, bucket) groups of part A's output, in samples per second.
+
+    python tests/benchmarks/bench_data.py [--images N] [--repeats R]
+
+Every timed step is repeated and the best repeat is reported (the machine is shared). Not a
+pytest module. Only the standard library is imported at import time: img2dataset starts its
+workers with spawn, which imports this file again in every worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RUN_ENV = {
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "WANDB_SILENT": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+MAX_RAY_TEMP_CHARS = 44
+DOWNLOAD_TARGET = 0.85
+ENCODE_TARGET = 1.6
+
+
+@dataclass
+class Timings:
+    """Seconds per repeat of each measured variant, plus what each run produced."""
+
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds.setdefault(name, []).append(seconds)
+
+    def best(self, name: str) -> float:
+        return min(self.seconds[name])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=400, help="synthetic corpus size")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats per variant (best wins)")
+    parser.add_argument("--max-side", type=int, default=512, help="longest side of the images")
+    parser.add_argument("--threads", type=int, default=16, help="download threads per process")
+    parser.add_argument("--encode-samples", type=int, default=192, help="samples encoded in (B)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = parser.parse_args(argv)
+    if args.images < 24 or args.repeats < 1 or args.encode_samples < 2:
+        parser.error("need --images >= 24, --repeats >= 1, --encode-samples >= 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for key, value in RUN_ENV.items():
+        os.environ.setdefault(key, value)
+    local_tmp = REPO_ROOT / ".tmp"
+    local_tmp.mkdir(exist_ok=True)
+    os.environ.setdefault("TMPDIR", str(local_tmp))
+    work = Path(tempfile.mkdtemp(prefix="bench-data-", dir=local_tmp))
+    ray_temp = tempfile.mkdtemp(prefix="rb-", dir=local_tmp)
+    if len(ray_temp) >= MAX_RAY_TEMP_CHARS:
+        raise SystemExit(f"Ray temp folder {ray_temp} is too long for its unix sockets")
+    print(f"work folder {work}, Ray temp {ray_temp}, {os.cpu_count()} CPUs", flush=True)
+    try:
+        bench = Bench(args, work=work, ray_temp=ray_temp)
+        bench.prepare()
+        bench.run_download()
+        bench.run_encode()
+        bench.report()
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(ray_temp, ignore_errors=True)
+    return 0
+
+
+class Bench:
+    """Holds the corpus, configs and timings shared by parts A and B."""
+
+    def __init__(self, args: argparse.Namespace, *, work: Path, ray_temp: str) -> None:
+        self.args = args
+        self.work = work
+        self.ray_temp = ray_temp
+        self.timings = Timings()
+        self.chunk_size = math.ceil(args.images / 2)
+        self.corpus = work / "corpus"
+        self.encode_layout_root: Path | None = None
+
+    def prepare(self) -> None:
+        """Corpus, url lists (relative for the pipeline, absolute for img2dataset), models."""
+        from components.demo_corpus import write_synthetic_corpus, write_url_list
+        from components.tiny_models import build_tiny_models
+
+        started = time.perf_counter()
+        self.items = write_synthetic_corpus(
+            self.corpus, count=self.args.images, seed=0, max_side_px=self.args.max_side
+        )
+        self.url_list = write_url_list(self.items, self.work / "urls.parquet")
+        self.models = build_tiny_models(self.work / "models", seed=0)
+        corpus_bytes = sum(path.stat().st_size for path in self.corpus.iterdir())
+        print(
+            f"corpus: {len(self.items)} images, {corpus_bytes / 2**20:.1f} MiB, "
+            f"max side {self.args.max_side}; tiny models built "
+            f"({time.perf_counter() - started:.1f} s)",
+            flush=True,
+        )
+
+    def config(self, root: Path):
+        from pipelines.config import load_config
+
+        return load_config(
+            "tiny",
+            [
+                f"run.root={root}",
+                f"data.source.url_list={self.url_list}",
+                f"data.source.serve_dir={self.corpus}",
+                f"data.buckets.max_side_px={self.args.max_side}",
+                "data.filters.min_side_px=64",
+                f"data.download.thread_count={self.args.threads}",
+                f"data.resources.chunk_size={self.chunk_size}",
+                f"data.encode.qwen2vl={self.models.qwen2vl}",
+                f"data.encode.flux={self.models.flux}",
+            ],
+        )
+
+    def run_download(self) -> None:
+        """Part A, alternating which side goes first so drifting load hits both alike."""
+        from components.demo_corpus import corpus_url_items, write_url_list
+        from components.loopback_server import LoopbackServer
+
+        with LoopbackServer(self.corpus) as server:
+            absolute = corpus_url_items(self.items, base_url=server.base_url)
+            absolute_list = write_url_list(absolute, self.work / "urls-absolute.parquet")
+            for repeat in range(self.args.repeats):
+                sides = [self._img2dataset_once, self._ours_once]
+                if repeat % 2:
+                    sides.reverse()
+                for side in sides:
+                    side(repeat, base_url=server.base_url, absolute_list=absolute_list)
+
+    def _img2dataset_once(self, repeat: int, *, base_url: str, absolute_list: Path) -> None:
+        import img2dataset
+
+        out = self.work / f"img2dataset-{repeat}"
+        started = time.perf_counter()
+        img2dataset.download(
+            url_list=str(absolute_list),
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            output_format="parquet",
+            output_folder=str(out),
+            processes_count=2,
+            thread_count=self.args.threads,
+            # One shard per process: with the default 10000 rows per shard one process idles.
+            number_sample_per_shard=self.chunk_size,
+            resize_mode="no",
+            timeout=3,
+        )
+        elapsed = time.perf_counter() - started
+        stats = [json.loads(path.read_text()) for path in out.glob("*_stats.json")]
+        successes = sum(stat["successes"] for stat in stats)
+        self.timings.add("img2dataset", elapsed)
+        self.timings.notes["img2dataset"] = f"{successes} downloaded of {self.args.images}"
+        print(f"[A{repeat}] img2dataset: {elapsed:.2f} s, {successes} downloaded", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+    def _ours_once(self, repeat: int, *, base_url: str, absolute_list: Path) -> None:
+        """A fresh in-process Ray per repeat, so chunk tasks start in cold workers as in a run."""
+        import ray
+
+        from pipelines.data import _chunk_rows, _process_chunks, read_outcomes
+        from pipelines.data_layout import DataLayout, read_url_list
+
+        root = self.work / f"ours-{repeat}"
+        config = self.config(root)
+        layout = DataLayout(root)
+        chunks = _chunk_rows(read_url_list(self.url_list), config.data.resources.chunk_size)
+        started = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=self.ray_temp,
+                 log_to_driver=False)
+        init_seconds = time.perf_counter() - started
+        try:
+            started = time.perf_counter()
+            _process_chunks(chunks, layout=layout, config=config.data, base_url=base_url)
+            elapsed = time.perf_counter() - started
+        finally:
+            ray.shutdown()
+        reasons = Counter(read_outcomes(layout, len(chunks))["reason"].to_pylist())
+        self.timings.add("ours", elapsed)
+        self.timings.add("ray.init", init_seconds)
+        self.timings.notes["ours"] = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+        print(
+            f"[A{repeat}] ours: {elapsed:.2f} s over {len(chunks)} chunks "
+            f"(ray.init {init_seconds:.2f} s), {dict(reasons)}",
+            flush=True,
+        )
+        if self.encode_layout_root is not None:
+            shutil.rmtree(self.encode_layout_root, ignore_errors=True)
+        self.encode_layout_root = root
+
+    def run_encode(self) -> None:
+        """Part B on the last part-A run's layout; shards are deleted between repeats."""
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=self.ray_temp,
+                 log_to_driver=False)
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            groups, config = self._encode_groups_input()
+            single = SingleLoop(config)
+            self.timings.notes["single load"] = f"{single.load_seconds:.2f} s"
+            variants = [("single", None), ("pool", None), ("pool, 1 torch thread", 1)]
+            for repeat in range(self.args.repeats):
+                order = variants if repeat % 2 == 0 else variants[::-1]
+                for name, threads in order:
+                    if name == "single":
+                        seconds, rows = single.run(groups)
+                        detail = f"torch threads {single.torch_threads}"
+                    else:
+                        seconds, rows, detail = self._pool_once(groups, config, threads)
+                    self.timings.add(name, seconds)
+                    self.timings.notes[name] = detail
+                    print(f"[B{repeat}] {name}: {rows} samples in {seconds:.2f} s ({detail})",
+                          flush=True)
+                    self._remove_shards()
+        finally:
+            ray.shutdown()
+
+    def _encode_groups_input(self) -> tuple[list[dict[str, Any]], Any]:
+        """The real _pending_groups, over an even share of each chunk's kept rows."""
+        import pyarrow.parquet as pq
+
+        from pipelines.data import _mark_duplicates, _pending_groups
+        from pipelines.data_layout import DataLayout
+
+        layout = DataLayout(self.encode_layout_root)
+        config = self.config(self.encode_layout_root).data
+        num_chunks = len(list(layout.work.glob("chunk-*.parquet")))
+        duplicates = _mark_duplicates(layout, num_chunks, config)
+        per_chunk = math.ceil(self.args.encode_samples / num_chunks)
+        skipped = dict(duplicates)
+        for index in range(num_chunks):
+            outcomes = pq.read_table(layout.chunk_outcome(index)).to_pylist()
+            kept = [
+                row["sample_key"]
+                for row in outcomes
+                if row["reason"] == "kept" and row["sample_key"] not in duplicates
+            ]
+            skipped.update({key: ("not_benchmarked", "") for key in kept[per_chunk:]})
+        groups = _pending_groups(layout, skipped)
+        self.encode_samples = sum(len(group["keys"]) for group in groups)
+        sizes = Counter(group["bucket_id"] for group in groups for _ in group["keys"])
+        self.timings.notes["groups"] = f"{len(groups)} groups, {dict(sorted(sizes.items()))}"
+        print(f"encode input: {self.encode_samples} samples in {len(groups)} groups "
+              f"{dict(sorted(sizes.items()))}", flush=True)
+        return groups, config
+
+    def _pool_once(self, groups, config, threads: int | None) -> tuple[float, int, str]:
+        """map_batches exactly as _encode_groups calls it, with a timing subclass of the actor."""
+        import ray
+
+        log_dir = Path(tempfile.mkdtemp(prefix="pool-log-", dir=self.work))
+        resources = config.resources
+        submitted = time.time()
+        results = (
+            ray.data.from_items(groups, override_num_blocks=len(groups))
+            .map_batches(
+                timed_group_encoder(str(log_dir), threads),
+                fn_constructor_kwargs={"config": config},
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=min(resources.num_encoders, len(groups))),
+                num_cpus=resources.cpus_per_encoder,
+                num_gpus=resources.gpus_per_encoder or None,
+            )
+            .take_all()
+        )
+        finished = time.time()
+        rows = sum(int(result["num_rows"]) for result in results)
+        if rows != self.encode_samples:
+            raise RuntimeError(f"pool wrote {rows} rows for {self.encode_samples} samples")
+        events = [
+            json.loads(line) for path in log_dir.glob("*.jsonl") for line in path.open()
+        ]
+        ready = [event["t"] for event in events if event["kind"] == "ready"]
+        calls = [event for event in events if event["kind"] == "call"]
+        span = max(call["end"] for call in calls) - min(call["start"] for call in calls)
+        threads_seen = sorted({event["threads"] for event in events if event["kind"] == "ready"})
+        self.timings.add(f"{'pool' if threads is None else 'pool, 1 torch thread'} end-to-end",
+                         finished - submitted)
+        detail = (
+            f"{len(ready)} actors, torch threads {threads_seen}, actors ready after "
+            f"{max(ready) - submitted:.2f} s, end to end {finished - submitted:.2f} s"
+        )
+        return span, rows, detail
+
+    def _remove_shards(self) -> None:
+        shutil.rmtree(self.encode_layout_root / "data" / "shards", ignore_errors=True)
+
+    def report(self) -> None:
+        timings = self.timings
+        images = self.args.images
+        print(f"\n== measured (best of {self.args.repeats} repeats each) ==")
+        print(f"{'variant':<34}{'best s':>9}{'all s':>28}{'rate':>16}")
+        for name, values in timings.seconds.items():
+            if name in ("img2dataset", "ours"):
+                rate = f"{images / min(values):.1f} img/s"
+            elif name in ("single", "pool", "pool, 1 torch thread"):
+                rate = f"{self.encode_samples / min(values):.1f} samples/s"
+            else:
+                rate = ""
+            listed = " ".join(f"{value:.2f}" for value in values)
+            print(f"{name:<34}{min(values):>9.2f}{listed:>28}{rate:>16}")
+        for name, note in timings.notes.items():
+            print(f"  {name}: {note}")
+        ours = images / timings.best("ours")
+        baseline = images / timings.best("img2dataset")
+        single = self.encode_samples / timings.best("single")
+        pool = self.encode_samples / timings.best("pool")
+        pool_one = self.encode_samples / timings.best("pool, 1 torch thread")
+        print()
+        print(
+            f"download+filter+bucket: ours {ours:.1f} img/s, img2dataset {baseline:.1f} img/s, "
+            f"ratio {ours / baseline:.2f} (target >= {DOWNLOAD_TARGET})"
+        )
+        print(
+            f"encode: pool {pool:.1f} samples/s, single {single:.1f} samples/s, "
+            f"ratio {pool / single:.2f} (target >= {ENCODE_TARGET})"
+        )
+        print(
+            f"encode, 1 torch thread per actor: pool {pool_one:.1f} samples/s, "
+            f"ratio {pool_one / single:.2f}"
+        )
+
+
+class SingleLoop:
+    """One GroupEncoder (one SampleEncoder) in this process, fed the groups one by one."""
+
+    def __init__(self, config) -> None:
+        import torch
+
+        from pipelines.data import GroupEncoder
+
+        started = time.perf_counter()
+        self.encoder = GroupEncoder(config)
+        self.load_seconds = time.perf_counter() - started
+        self.torch_threads = torch.get_num_threads()
+
+    def run(self, groups: list[dict[str, Any]]) -> tuple[float, int]:
+        rows = 0
+        started = time.perf_counter()
+        for group in groups:
+            batch = {name: [value] for name, value in group.items()}
+            rows += sum(self.encoder(batch)["num_rows"])
+        return time.perf_counter() - started, rows
+
+
+def timed_group_encoder(log_dir: str, torch_threads: int | None) -> type:
+    """GroupEncoder that logs when it is ready and when each call starts and ends."""
+    from pipelines.data import GroupEncoder
+
+    class TimedGroupEncoder(GroupEncoder):
+        def __init__(self, config) -> None:
+            import torch
+
+            if torch_threads is not None:
+                torch.set_num_threads(torch_threads)
+            super().__init__(config)
+            self._log_path = Path(log_dir) / f"actor-{os.getpid()}-{id(self)}.jsonl"
+            self._log({"kind": "ready", "t": time.time(), "threads": torch.get_num_threads()})
+
+        def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+            started = time.time()
+            result = super().__call__(batch)
+            self._log({"kind": "call", "start": started, "end": time.time()})
+            return result
+
+        def _log(self, event: dict[str, Any]) -> None:
+            with self._log_path.open("a") as out:
+                out.write(json.dumps(event) + "\n")
+
+    return TimedGroupEncoder
+
+
+if __name__ == "__main__":
+    sys.exit(main())
