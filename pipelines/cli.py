@@ -28,6 +28,9 @@ _QUIET_ENV = {
     "WANDB_MODE": "disabled",
     "WANDB_SILENT": "true",
     "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "DIFFUSERS_VERBOSITY": "error",
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -53,9 +54,17 @@ def run_data(config: PipelineConfig, *, show_progress: bool = True) -> DataSumma
         _check_state(layout, config.data, source)
         chunks = _chunk_rows(source, config.data.resources.chunk_size)
         with ray_session(config.run, temp_root=layout.root):
-            _process_chunks(chunks, layout=layout, config=config.data, base_url=base_url)
+            _process_chunks(
+                chunks,
+                layout=layout,
+                config=config.data,
+                base_url=base_url,
+                show_progress=show_progress,
+            )
             duplicates = _mark_duplicates(layout, len(chunks), config.data)
-            _encode_groups(layout, config=config.data, duplicates=duplicates)
+            _encode_groups(
+                layout, config=config.data, duplicates=duplicates, show_progress=show_progress
+            )
         return build_manifest(
             layout,
             config=config,
@@ -133,7 +142,12 @@ def _chunk_rows(source: pa.Table, chunk_size: int) -> list[list[dict[str, Any]]]
 
 
 def _process_chunks(
-    chunks: list[list[dict[str, Any]]], *, layout: DataLayout, config: DataConfig, base_url: str
+    chunks: list[list[dict[str, Any]]],
+    *,
+    layout: DataLayout,
+    config: DataConfig,
+    base_url: str,
+    show_progress: bool,
 ) -> None:
     import ray
     from tqdm import tqdm
@@ -144,7 +158,9 @@ def _process_chunks(
         for index, rows in enumerate(chunks)
         if not layout.chunk_outcome(index).exists()
     ]
-    with tqdm(total=len(pending), desc="download+filter chunks", unit="chunk") as progress:
+    with tqdm(
+        total=len(pending), desc="download+filter", unit="chunk", disable=not show_progress
+    ) as progress:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             ray.get(done)
@@ -261,28 +277,34 @@ def _mark_duplicates(layout: DataLayout, num_chunks: int, config: DataConfig) ->
     return duplicates
 
 
-def _encode_groups(layout: DataLayout, *, config: DataConfig, duplicates: dict) -> None:
+def _encode_groups(
+    layout: DataLayout, *, config: DataConfig, duplicates: dict, show_progress: bool
+) -> None:
     """Encode every (chunk, bucket) group that has no shard yet on the encoder actor pool."""
     import ray
+    from tqdm import tqdm
 
     groups = _pending_groups(layout, duplicates)
     if not groups:
         return
+    # Our own progress bar counts samples; Ray Data's per-operator log lines only add noise.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     resources = config.resources
-    results = (
-        ray.data.from_items(groups, override_num_blocks=len(groups))
-        .map_batches(
-            GroupEncoder,
-            fn_constructor_kwargs={"config": config},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(resources.num_encoders, len(groups))),
-            num_cpus=resources.cpus_per_encoder,
-            num_gpus=resources.gpus_per_encoder or None,
-        )
-        .take_all()
+    results = ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
+        GroupEncoder,
+        fn_constructor_kwargs={"config": config},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(resources.num_encoders, len(groups))),
+        num_cpus=resources.cpus_per_encoder,
+        num_gpus=resources.gpus_per_encoder or None,
     )
-    written = sum(int(result["num_rows"]) for result in results)
     expected = sum(len(group["keys"]) for group in groups)
+    written = 0
+    with tqdm(total=expected, desc="encode", unit="sample", disable=not show_progress) as progress:
+        for result in results.iter_rows():
+            written += int(result["num_rows"])
+            progress.update(int(result["num_rows"]))
     if written != expected:
         raise RuntimeError(f"encoder wrote {written} rows for {expected} pending samples")
 
