@@ -116,6 +116,7 @@ def build_manifest(
             "rejected": summary.rejected,
         },
         "buckets": per_bucket,
+        "tensor_dtypes": _tensor_dtypes(layout),
         "shards": shard_entries,
         "bytes_per_sample": {
             "parquet_file": summary.bytes_per_sample,
@@ -171,6 +172,19 @@ def _per_bucket(config, shard_entries: list[dict[str, Any]]) -> dict[str, dict[s
             "num_samples": counts.get(bucket.bucket_id, 0),
         }
         for bucket in build_buckets(config.data.buckets)
+    }
+
+
+def _tensor_dtypes(layout: DataLayout) -> dict[str, str]:
+    """Stored dtype of every tensor column (read from the first shard; all shards agree)."""
+    paths = shards.list_shards(layout.data)
+    if not paths:
+        return {}
+    table = pq.read_table(paths[0]).slice(0, 1)
+    return {
+        name.removesuffix("_dtype"): table[name][0].as_py()
+        for name in table.column_names
+        if name.endswith("_dtype")
     }
 
 

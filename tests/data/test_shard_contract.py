@@ -69,3 +69,18 @@ def test_tensor_shapes_agree_within_each_row(tables):
             caption_length = sample["caption_prompt_hidden"].shape[0]
             assert sample["caption_prompt_position_ids"].shape == (3, caption_length)
             assert sample["clip_pooled"].ndim == 1
+
+
+def test_manifest_says_how_the_tensors_were_made(dataset_root, tables):
+    manifest = shards.read_manifest(dataset_root)
+    encoders = manifest["encoders"]
+    assert encoders["latent_mode"] in ("mean", "sample") and encoders["latent_is_raw"] is True
+    assert {"vae_scaling_factor", "vae_shift_factor", "layer_cut", "qwen2vl_revision"} <= set(
+        encoders
+    )
+    first = next(iter(tables.values()))
+    stored = {name: first[f"{name}_dtype"][0].as_py() for name in shards.REQUIRED_TENSORS}
+    assert {name: manifest["tensor_dtypes"][name] for name in stored} == stored
+    assert stored["image_prompt_hidden"] == encoders["hidden_dtype"]
+    assert len(manifest["config_hash"]) == len(manifest["source_sha256"]) == 64
+    assert set(manifest["bytes_per_sample"]["columns_uncompressed"]) >= set(shards.REQUIRED_TENSORS)
