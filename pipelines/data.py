@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -182,6 +184,7 @@ def process_chunk(
             to_download.append({**row, "url": url})
     if to_download:
         downloads = _download(index, to_download, layout=layout, config=config)
+        _check_source_alive(downloads, base_url)
         by_key = {row["sample_key"]: row for row in rows}
         for downloaded in downloads:
             outcomes.append(_filter_row(by_key[downloaded["key"]], downloaded, config))
@@ -190,6 +193,36 @@ def process_chunk(
         pa.Table.from_pylist(outcomes, schema=OUTCOME_SCHEMA), layout.chunk_outcome(index)
     )
     return len(outcomes)
+
+
+_NETWORK_FAILURES = ("connection_refused", "timeout")
+
+
+class SourceGoneError(RuntimeError):
+    """The run's own served source stopped answering: the run is being torn down."""
+
+
+def _check_source_alive(downloads: list[dict[str, Any]], base_url: str) -> None:
+    """Refuse to record network failures against our own loopback source once it is gone.
+
+    When the driver dies its server dies with it, while a chunk task may still be finishing;
+    its "connection refused" rows describe the dying run, not the urls, and must not become
+    final outcomes that a rerun would skip.
+    """
+    failed_locally = any(
+        row["status"] in _NETWORK_FAILURES and row["url"].startswith(base_url)
+        for row in downloads
+    )
+    if not base_url or not failed_locally:
+        return
+    try:
+        with urllib.request.urlopen(base_url, timeout=5):
+            return
+    except urllib.error.HTTPError:
+        return
+    except OSError as error:
+        message = f"served source {base_url} is gone ({error}); chunk not recorded"
+        raise SourceGoneError(message) from error
 
 
 def _resolve_url(url: str, base_url: str) -> str:

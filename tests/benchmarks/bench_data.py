@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -43,6 +44,8 @@ RUN_ENV = {
 MAX_RAY_TEMP_CHARS = 44
 DOWNLOAD_TARGET = 0.85
 ENCODE_TARGET = 1.6
+DOWNLOAD_VARIANTS = ("img2dataset", "ours")
+ENCODE_VARIANTS = ("single", "single, 1 torch thread", "pool", "pool, 1 torch thread")
 
 
 @dataclass
@@ -79,18 +82,28 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     local_tmp = REPO_ROOT / ".tmp"
     local_tmp.mkdir(exist_ok=True)
-    os.environ.setdefault("TMPDIR", str(local_tmp))
     work = Path(tempfile.mkdtemp(prefix="bench-data-", dir=local_tmp))
+    # Every process that imports wandb (img2dataset does) leaves temp folders: keep them here.
+    (work / "tmp").mkdir()
+    os.environ["TMPDIR"] = str(work / "tmp")
     ray_temp = tempfile.mkdtemp(prefix="rb-", dir=local_tmp)
     if len(ray_temp) >= MAX_RAY_TEMP_CHARS:
         raise SystemExit(f"Ray temp folder {ray_temp} is too long for its unix sockets")
-    print(f"work folder {work}, Ray temp {ray_temp}, {os.cpu_count()} CPUs", flush=True)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    print(f"work folder {work}, Ray temp {ray_temp}, {os.cpu_count()} CPUs, "
+          f"load average {load_before[0]:.2f}", flush=True)
     try:
         bench = Bench(args, work=work, ray_temp=ray_temp)
         bench.prepare()
         bench.run_download()
         bench.run_encode()
         bench.report()
+        print(
+            f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before[0]:.2f} at start, "
+            f"{os.getloadavg()[0]:.2f} at end; benchmark wall time "
+            f"{time.perf_counter() - started:.0f} s"
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -206,7 +219,9 @@ class Bench:
         init_seconds = time.perf_counter() - started
         try:
             started = time.perf_counter()
-            _process_chunks(chunks, layout=layout, config=config.data, base_url=base_url)
+            _process_chunks(
+                chunks, layout=layout, config=config.data, base_url=base_url, show_progress=False
+            )
             elapsed = time.perf_counter() - started
         finally:
             ray.shutdown()
@@ -224,25 +239,33 @@ class Bench:
         self.encode_layout_root = root
 
     def run_encode(self) -> None:
-        """Part B on the last part-A run's layout; shards are deleted between repeats."""
+        """Part B on the last part-A run's layout; shards are deleted after every run.
+
+        The pool variant with torch.set_num_threads(1) per actor only runs when the default
+        actors report more than one torch thread (Ray sets OMP_NUM_THREADS per actor).
+        """
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=self.ray_temp,
                  log_to_driver=False)
         try:
+            logging.getLogger("ray.data").setLevel(logging.ERROR)
             ray.data.DataContext.get_current().enable_progress_bars = False
             groups, config = self._encode_groups_input()
             single = SingleLoop(config)
-            self.timings.notes["single load"] = f"{single.load_seconds:.2f} s"
-            variants = [("single", None), ("pool", None), ("pool, 1 torch thread", 1)]
+            self.timings.notes["single load"] = f"{single.load_seconds:.2f} s (not timed)"
+            variants: list[tuple[str, int | None]] = [
+                ("single", None), ("single, 1 torch thread", 1), ("pool", None)
+            ]
             for repeat in range(self.args.repeats):
-                order = variants if repeat % 2 == 0 else variants[::-1]
-                for name, threads in order:
-                    if name == "single":
-                        seconds, rows = single.run(groups)
-                        detail = f"torch threads {single.torch_threads}"
+                for name, threads in variants if repeat % 2 == 0 else variants[::-1]:
+                    if name.startswith("single"):
+                        seconds, rows, seen = single.run(groups, torch_threads=threads)
+                        detail = f"torch threads {seen}"
                     else:
-                        seconds, rows, detail = self._pool_once(groups, config, threads)
+                        seconds, rows, seen, detail = self._pool_once(groups, config, threads)
+                        if max(seen) > 1 and len(variants) == 3:
+                            variants.append(("pool, 1 torch thread", 1))
                     self.timings.add(name, seconds)
                     self.timings.notes[name] = detail
                     print(f"[B{repeat}] {name}: {rows} samples in {seconds:.2f} s ({detail})",
@@ -280,27 +303,23 @@ class Bench:
               f"{dict(sorted(sizes.items()))}", flush=True)
         return groups, config
 
-    def _pool_once(self, groups, config, threads: int | None) -> tuple[float, int, str]:
+    def _pool_once(self, groups, config, threads: int | None) -> tuple[float, int, list, str]:
         """map_batches exactly as _encode_groups calls it, with a timing subclass of the actor."""
         import ray
 
         log_dir = Path(tempfile.mkdtemp(prefix="pool-log-", dir=self.work))
         resources = config.resources
         submitted = time.time()
-        results = (
-            ray.data.from_items(groups, override_num_blocks=len(groups))
-            .map_batches(
-                timed_group_encoder(str(log_dir), threads),
-                fn_constructor_kwargs={"config": config},
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=min(resources.num_encoders, len(groups))),
-                num_cpus=resources.cpus_per_encoder,
-                num_gpus=resources.gpus_per_encoder or None,
-            )
-            .take_all()
+        results = ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
+            timed_group_encoder(str(log_dir), threads),
+            fn_constructor_kwargs={"config": config},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(resources.num_encoders, len(groups))),
+            num_cpus=resources.cpus_per_encoder,
+            num_gpus=resources.gpus_per_encoder or None,
         )
+        rows = sum(int(result["num_rows"]) for result in results.iter_rows())
         finished = time.time()
-        rows = sum(int(result["num_rows"]) for result in results)
         if rows != self.encode_samples:
             raise RuntimeError(f"pool wrote {rows} rows for {self.encode_samples} samples")
         events = [
@@ -310,13 +329,13 @@ class Bench:
         calls = [event for event in events if event["kind"] == "call"]
         span = max(call["end"] for call in calls) - min(call["start"] for call in calls)
         threads_seen = sorted({event["threads"] for event in events if event["kind"] == "ready"})
-        self.timings.add(f"{'pool' if threads is None else 'pool, 1 torch thread'} end-to-end",
-                         finished - submitted)
+        name = "pool" if threads is None else "pool, 1 torch thread"
+        self.timings.add(f"{name} end-to-end", finished - submitted)
         detail = (
             f"{len(ready)} actors, torch threads {threads_seen}, actors ready after "
             f"{max(ready) - submitted:.2f} s, end to end {finished - submitted:.2f} s"
         )
-        return span, rows, detail
+        return span, rows, threads_seen, detail
 
     def _remove_shards(self) -> None:
         shutil.rmtree(self.encode_layout_root / "data" / "shards", ignore_errors=True)
@@ -325,23 +344,26 @@ class Bench:
         timings = self.timings
         images = self.args.images
         print(f"\n== measured (best of {self.args.repeats} repeats each) ==")
-        print(f"{'variant':<34}{'best s':>9}{'all s':>28}{'rate':>16}")
+        print(f"{'variant':<34}{'best s':>9}{'all s':>30}{'rate (best)':>18}")
         for name, values in timings.seconds.items():
-            if name in ("img2dataset", "ours"):
+            if name in DOWNLOAD_VARIANTS:
                 rate = f"{images / min(values):.1f} img/s"
-            elif name in ("single", "pool", "pool, 1 torch thread"):
+            elif name in ENCODE_VARIANTS:
                 rate = f"{self.encode_samples / min(values):.1f} samples/s"
             else:
                 rate = ""
             listed = " ".join(f"{value:.2f}" for value in values)
-            print(f"{name:<34}{min(values):>9.2f}{listed:>28}{rate:>16}")
+            print(f"{name:<34}{min(values):>9.2f}{listed:>30}{rate:>18}")
         for name, note in timings.notes.items():
             print(f"  {name}: {note}")
-        ours = images / timings.best("ours")
-        baseline = images / timings.best("img2dataset")
-        single = self.encode_samples / timings.best("single")
-        pool = self.encode_samples / timings.best("pool")
-        pool_one = self.encode_samples / timings.best("pool, 1 torch thread")
+        rates = {
+            name: (images if name in DOWNLOAD_VARIANTS else self.encode_samples)
+            / timings.best(name)
+            for name in (*DOWNLOAD_VARIANTS, *ENCODE_VARIANTS)
+            if name in timings.seconds
+        }
+        ours, baseline = rates["ours"], rates["img2dataset"]
+        pool, single = rates["pool"], rates["single"]
         print()
         print(
             f"download+filter+bucket: ours {ours:.1f} img/s, img2dataset {baseline:.1f} img/s, "
@@ -351,10 +373,15 @@ class Bench:
             f"encode: pool {pool:.1f} samples/s, single {single:.1f} samples/s, "
             f"ratio {pool / single:.2f} (target >= {ENCODE_TARGET})"
         )
+        single_one = rates["single, 1 torch thread"]
         print(
-            f"encode, 1 torch thread per actor: pool {pool_one:.1f} samples/s, "
-            f"ratio {pool_one / single:.2f}"
+            f"encode vs single with 1 torch thread: single {single_one:.1f} samples/s, "
+            f"ratio {pool / single_one:.2f}"
         )
+        if "pool, 1 torch thread" in rates:
+            pool_one = rates["pool, 1 torch thread"]
+            print(f"encode, torch.set_num_threads(1) per actor: pool {pool_one:.1f} samples/s, "
+                  f"ratio {pool_one / single:.2f}")
 
 
 class SingleLoop:
@@ -368,15 +395,22 @@ class SingleLoop:
         started = time.perf_counter()
         self.encoder = GroupEncoder(config)
         self.load_seconds = time.perf_counter() - started
-        self.torch_threads = torch.get_num_threads()
+        self.default_threads = torch.get_num_threads()
 
-    def run(self, groups: list[dict[str, Any]]) -> tuple[float, int]:
+    def run(self, groups: list[dict[str, Any]], *, torch_threads: int | None) -> tuple:
+        """(seconds, rows, torch threads used) for encoding every group once."""
+        import torch
+
+        torch.set_num_threads(torch_threads or self.default_threads)
         rows = 0
         started = time.perf_counter()
-        for group in groups:
-            batch = {name: [value] for name, value in group.items()}
-            rows += sum(self.encoder(batch)["num_rows"])
-        return time.perf_counter() - started, rows
+        try:
+            for group in groups:
+                batch = {name: [value] for name, value in group.items()}
+                rows += sum(self.encoder(batch)["num_rows"])
+            return time.perf_counter() - started, rows, torch.get_num_threads()
+        finally:
+            torch.set_num_threads(self.default_threads)
 
 
 def timed_group_encoder(log_dir: str, torch_threads: int | None) -> type:
