@@ -96,18 +96,19 @@ def tiny_qwen2vl_config() -> Qwen2VLConfig:
 
 
 def tiny_flux_transformer_kwargs() -> dict:
-    """FluxTransformer2DModel kwargs: 2 double + 2 single blocks, 16 latent channels packed 2x2."""
+    """FluxTransformer2DModel kwargs: FLUX.1-dev's 19 double + 38 single blocks (so the report's
+    stage block lists apply unchanged) at width 16; 16 latent channels packed 2x2; 0.35M params."""
     return {
         "patch_size": 1,
         "in_channels": VAE_LATENT_CHANNELS * 4,
-        "num_layers": 2,
-        "num_single_layers": 2,
-        "attention_head_dim": 16,
+        "num_layers": FLUX_REAL_NUM_DOUBLE_BLOCKS,
+        "num_single_layers": FLUX_REAL_NUM_SINGLE_BLOCKS,
+        "attention_head_dim": 8,
         "num_attention_heads": 2,
         "joint_attention_dim": TINY_FLUX_JOINT_ATTENTION_DIM,
         "pooled_projection_dim": TINY_FLUX_POOLED_PROJECTION_DIM,
         "guidance_embeds": True,
-        "axes_dims_rope": (4, 6, 6),
+        "axes_dims_rope": (2, 2, 4),
     }
 
 
