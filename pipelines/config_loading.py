@@ -61,24 +61,49 @@ def build(cls: type, table: dict[str, Any], *, where: str = "") -> Any:
 
 
 def apply_override(table: dict[str, Any], cls: type, assignment: str) -> None:
-    """Apply one `section.key=value` override to a raw table, checking the key against `cls`."""
+    """Apply one `section.key=value` override to a raw table, checking the key against `cls`.
+
+    Items of a list of sections are addressed by their 1-based position:
+    `train.stages.2.num_steps=500`.
+    """
     if "=" not in assignment:
         raise ConfigError(f"override '{assignment}' must look like section.key=value")
     dotted, raw_value = assignment.split("=", 1)
     parts = dotted.strip().split(".")
-    target_cls, node = cls, table
-    for depth, part in enumerate(parts):
+    target_cls, node, depth = cls, table, 0
+    while depth < len(parts):
+        part, where = parts[depth], ".".join(parts[: depth + 1])
         names = {field.name for field in dataclasses.fields(target_cls)}
         if part not in names:
-            raise ConfigError(f"unknown config key '{'.'.join(parts[: depth + 1])}' in override")
+            raise ConfigError(f"unknown config key '{where}' in override")
         hint = typing.get_type_hints(target_cls)[part]
         if depth == len(parts) - 1:
             node[part] = _parse_override_value(raw_value, hint)
-        elif dataclasses.is_dataclass(hint):
-            node = node.setdefault(part, {})
-            target_cls = hint
+            return
+        if dataclasses.is_dataclass(hint):
+            node, target_cls = node.setdefault(part, {}), hint
+        elif _is_section_list(hint):
+            node, target_cls = _list_item(node, part, parts, depth), typing.get_args(hint)[0]
+            depth += 1
         else:
-            raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' is not a section")
+            raise ConfigError(f"config key '{where}' is not a section")
+        depth += 1
+
+
+def _is_section_list(hint: Any) -> bool:
+    args = typing.get_args(hint)
+    return typing.get_origin(hint) is tuple and bool(args) and dataclasses.is_dataclass(args[0])
+
+
+def _list_item(node: dict[str, Any], part: str, parts: list[str], depth: int) -> dict[str, Any]:
+    where = ".".join(parts[: depth + 1])
+    items = node.get(part)
+    position = parts[depth + 1] if depth + 1 < len(parts) else ""
+    if not isinstance(items, list) or not position.isdigit():
+        raise ConfigError(f"'{where}' is a list of sections: address items as {where}.<n>")
+    if not 1 <= int(position) <= len(items):
+        raise ConfigError(f"'{where}' has {len(items)} items; {where}.{position} does not exist")
+    return items[int(position) - 1]
 
 
 def to_plain(config: Any) -> dict[str, Any]:
@@ -128,7 +153,7 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
         item_type = typing.get_args(hint)[0]
-        return tuple(_convert(item_type, item, f"{key}[{i}]") for i, item in enumerate(value))
+        return tuple(_convert(item_type, item, f"{key}.{i + 1}") for i, item in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (str, int, float, bool) and not _exact_type(value, hint):

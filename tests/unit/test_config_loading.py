@@ -87,3 +87,26 @@ def test_hash_and_flatten_follow_values():
     assert config_hash(first) != config_hash(second)
     assert config_hash(first) == config_hash(build(Outer, {"label": "x", "inner": {"count": 1}}))
     assert flatten(first)["inner.count"] == 1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Stage:
+    name: str
+    num_steps: int = 10
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Training:
+    stages: tuple[Stage, ...]
+
+
+def test_lists_of_sections_load_and_override_by_position():
+    table = {"stages": [{"name": "a"}, {"name": "b", "num_steps": 3}]}
+    apply_override(table, Training, "stages.2.num_steps=7")
+    assert build(Training, table).stages == (Stage(name="a"), Stage(name="b", num_steps=7))
+    with pytest.raises(ConfigError, match=r"unknown config key 'stages\.1\.nmu_steps'"):
+        build(Training, {"stages": [{"name": "a", "nmu_steps": 1}]})
+    with pytest.raises(ConfigError, match=r"stages\.3 does not exist"):
+        apply_override(table, Training, "stages.3.num_steps=1")
+    with pytest.raises(ConfigError, match=r"address items as stages\.<n>"):
+        apply_override(table, Training, "stages.num_steps=1")
