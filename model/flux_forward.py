@@ -1,0 +1,109 @@
+"""One FLUX velocity prediction on padded Qwen2-VL conditioning, plus gradient checkpointing.
+
+Inputs: packed noisy latents [B, L, C] (model.flow_matching.pack_latents), their rope ids [L, 3],
+sigmas [B] in [0, 1] and FluxConditioning (connector output, its text mask, CLIP pooled vector,
+guidance). Output: the predicted velocity noise - x0, [B, L, C].
+
+Facts of diffusers 0.42.1 this relies on:
+- Timestep scale: FluxTransformer2DModel.forward multiplies `timestep` AND `guidance` by 1000
+  itself; FluxPipeline passes scheduler_timestep / 1000 = sigma. So timestep = sigma in [0, 1],
+  and guidance is the plain scale (3.5, not 3500).
+- Mask path: joint_attention_kwargs={"attention_mask": mask} reaches every block's
+  FluxAttention.forward (named parameter), then FluxAttnProcessor -> dispatch_attention_fn(
+  attn_mask=...) -> torch SDPA on the default "native" backend. The joint sequence is text tokens
+  FIRST, then image tokens (double and single blocks alike), so the key mask is
+  [text_mask_BT, ones_BL] shaped [B, 1, 1, T + L] (bool, True = attend). Pad queries still see
+  real keys (no NaN rows); their outputs are discarded and never reach real tokens, because
+  attention is FLUX's only cross-token operation and txt_ids are all zeros (no position shift).
+  flash-attn backends reject masks: train with the native backend when padding exists.
+
+Guidance: FLUX.1-dev is guidance-distilled (guidance_embeds=True), so every forward takes a
+guidance value. We pass it explicitly from the training config (guidance_B, e.g. 3.5 as diffusers'
+FLUX training scripts default to; fine-tunes that feed 1.0 are known to drift); None only for a
+transformer built without guidance embeddings.
+
+Legend: B batch, L packed image tokens, C packed channels (64), T text tokens, S joint sequence
+(T + L), D FLUX joint_attention_dim, P pooled projection width.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from model.flow_matching import text_ids
+
+
+@dataclass(frozen=True, slots=True)
+class FluxConditioning:
+    """What FLUX is conditioned on besides the noise level.
+
+    hidden_BTD: connector output; mask_BT: bool, True at real text tokens; pooled_BP: CLIP-L
+    pooled vector; guidance_B: guidance scale per sample (None only without guidance embeds).
+    """
+
+    hidden_BTD: torch.Tensor
+    mask_BT: torch.Tensor
+    pooled_BP: torch.Tensor
+    guidance_B: torch.Tensor | None
+
+
+def joint_attention_mask(
+    text_mask_BT: torch.Tensor, *, num_image_tokens: int
+) -> torch.Tensor | None:
+    """[B, 1, 1, T + L] bool key mask over FLUX's joint sequence (text first), or None when no
+    text token is masked (lets SDPA pick its fastest kernel)."""
+    text_mask_BT = text_mask_BT.bool()
+    if bool(text_mask_BT.all()):
+        return None
+    image_mask_BL = text_mask_BT.new_ones(text_mask_BT.shape[0], num_image_tokens)
+    return torch.cat([text_mask_BT, image_mask_BL], dim=1)[:, None, None, :]
+
+
+def _check_guidance(transformer: torch.nn.Module, guidance_B: torch.Tensor | None) -> None:
+    # DDP wraps the model (config on .module); FSDP2's fully_shard keeps the class.
+    config = getattr(transformer, "module", transformer).config
+    has_guidance_embeds = bool(config.guidance_embeds)
+    if has_guidance_embeds and guidance_B is None:
+        raise ValueError("this FLUX transformer has guidance embeddings: pass guidance_B")
+    if not has_guidance_embeds and guidance_B is not None:
+        raise ValueError(
+            "this FLUX transformer has no guidance embeddings: guidance_B must be None"
+        )
+
+
+def predict_velocity(
+    transformer: FluxTransformer2DModel,
+    packed_latents_BLC: torch.Tensor,
+    *,
+    image_ids_L3: torch.Tensor,
+    sigmas_B: torch.Tensor,
+    conditioning: FluxConditioning,
+) -> torch.Tensor:
+    """FLUX's velocity prediction [B, L, C] at noise levels sigmas_B (timestep = sigma in [0, 1];
+    the transformer scales by 1000), honouring the text padding mask in joint attention."""
+    _check_guidance(transformer, conditioning.guidance_B)
+    num_text_tokens = conditioning.hidden_BTD.shape[1]
+    key_mask_B11S = joint_attention_mask(
+        conditioning.mask_BT, num_image_tokens=packed_latents_BLC.shape[1]
+    )
+    output = transformer(
+        hidden_states=packed_latents_BLC,
+        encoder_hidden_states=conditioning.hidden_BTD,
+        pooled_projections=conditioning.pooled_BP,
+        timestep=sigmas_B,
+        img_ids=image_ids_L3,
+        txt_ids=text_ids(num_text_tokens).to(image_ids_L3),
+        guidance=conditioning.guidance_B,
+        joint_attention_kwargs=None if key_mask_B11S is None else {"attention_mask": key_mask_B11S},
+        return_dict=False,
+    )
+    return output[0]
+
+
+def set_gradient_checkpointing(transformer: FluxTransformer2DModel, *, enabled: bool) -> None:
+    """Switch diffusers' own per-block checkpointing (non-reentrant torch.utils.checkpoint)."""
+    if enabled:
+        transformer.enable_gradient_checkpointing()
+    else:
+        transformer.disable_gradient_checkpointing()
