@@ -4,6 +4,7 @@
     qwenflux data --config PRESET [--set k=v]      run or resume the data pipeline
     qwenflux demo [--config tiny] [--set k=v]      tiny models + the whole embedded pipeline
     qwenflux show-config --config PRESET           the resolved config, after overrides
+    qwenflux plan [--config a100x8] [--gpus N]     real-scale memory, FLOPs and days per stage
 
 Heavy libraries are imported inside the commands so `qwenflux --help` stays fast.
 """
@@ -42,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True, type=Path, help="output folder")
     tiny.add_argument("--seed", type=int, default=0)
 
+    plan = commands.add_parser("plan", help="per-stage memory, FLOPs and days at real scale")
+    plan.add_argument("--config", default="a100x8", help="preset name or TOML path")
+    plan.add_argument("--gpus", type=int, default=None, help="GPUs (default 8)")
+    plan.add_argument("--global-batch", type=int, default=None, help="samples/step (default 128)")
+    plan.add_argument("--mfu", type=float, default=None, help="assumed MFU (default 0.35)")
+
     for name, help_text in (
         ("data", "run or resume the data pipeline"),
         ("demo", "build tiny models, then run the embedded pipeline"),
@@ -68,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "tiny-models":
             return _tiny_models(args.out, args.seed)
+        if args.command == "plan":
+            return _plan(args)
         from pipelines.config import load_config
 
         config = load_config(args.config, args.overrides)
@@ -87,6 +96,16 @@ def _tiny_models(out: Path, seed: int) -> int:
 
     paths = build_tiny_models(out, seed=seed)
     print(f"tiny models in {out}: {paths}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pipelines.plan import plan_preset
+
+    report = plan_preset(
+        args.config, num_gpus=args.gpus, global_batch=args.global_batch, mfu=args.mfu
+    )
+    print(report.format())
     return 0
 
 
