@@ -1,0 +1,160 @@
+"""Load Qwen2-VL's trainable tail (last decoder layer + final norm + rope) from a checkpoint.
+
+Input: a Qwen2-VL checkpoint (local directory or hub id in the local HF cache) in the public
+layout: config.json and model.safetensors (single file) or model.safetensors.index.json + shards.
+Output: a Qwen2VLTail (model/qwen2vl_tail.py) whose layer and norm hold exactly the checkpoint's
+tensors, cast to the requested dtype. Only the tail's tensors are read, through safetensors'
+lazy safe_open, and only the shard files that hold them are opened: a 7B checkpoint is never
+materialised to get one layer (~233M parameters of Qwen2-VL-7B's 8.3B).
+"""
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import Qwen2VLConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+    Qwen2VLDecoderLayer,
+    Qwen2VLRMSNorm,
+    Qwen2VLRotaryEmbedding,
+)
+
+from components.encode import CheckpointNotFoundError, resolve_checkpoint
+from model.qwen2vl_tail import Qwen2VLTail
+
+WEIGHTS_STEM = "model"
+# Where the text model's tensors live: the legacy names of the released Qwen2-VL checkpoints
+# (which transformers 5.24 still writes) and the newer nested layout, tried in this order.
+TEXT_MODEL_PREFIXES = ("model.", "model.language_model.")
+
+
+class TailCheckpointError(ValueError):
+    """A checkpoint that lacks (or holds unexpected) tensors of the last layer or final norm."""
+
+
+def load_qwen2vl_tail(
+    checkpoint: str,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> Qwen2VLTail:
+    """The last decoder layer + final norm of a Qwen2-VL checkpoint, without the other layers.
+
+    Parameters are cast to dtype (the same cast from_pretrained(dtype=...) applies, so the tail
+    equals Qwen2VLTail.from_model of the full model bit for bit); the rope buffers stay float32.
+    attn_implementation is what from_pretrained would pick ('sdpa' by default, or 'eager').
+    The tail is returned in training mode with requires_grad set: it is the trainable part.
+    Errors: CheckpointNotFoundError for a missing checkpoint, config, index or needed shard file;
+    TailCheckpointError naming any missing or unexpected tensor.
+    """
+    if attn_implementation not in ("eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()):
+        raise ValueError(f"attn_implementation {attn_implementation!r} is not known")
+    resolved = resolve_checkpoint(
+        checkpoint, revision=revision, root_file="config.json", required=()
+    )
+    text_config = Qwen2VLConfig.from_pretrained(resolved.path).text_config
+    text_config._attn_implementation = attn_implementation
+    last_index = text_config.num_hidden_layers - 1
+    with torch.device("meta"):
+        layer = Qwen2VLDecoderLayer(text_config, layer_idx=last_index)
+        norm = Qwen2VLRMSNorm(text_config.hidden_size, eps=text_config.rms_norm_eps)
+    weight_map = _weight_map(resolved.path, name=checkpoint)
+    prefix = _text_model_prefix(weight_map, name=checkpoint)
+    wanted = _checkpoint_names(layer, norm, prefix=prefix, last_index=last_index)
+    _check_names(wanted, weight_map, layer_prefix=f"{prefix}layers.{last_index}.", name=checkpoint)
+    tensors = _read_tensors(resolved.path, weight_map, wanted.values(), name=checkpoint)
+    _assign(layer, {key: tensors[wanted[f"layer.{key}"]] for key in layer.state_dict()}, dtype)
+    _assign(norm, {key: tensors[wanted[f"norm.{key}"]] for key in norm.state_dict()}, dtype)
+    rotary_emb = _rotary_embedding(text_config)
+    return Qwen2VLTail(layer, norm, rotary_emb)
+
+
+def _weight_map(root: Path, *, name: str) -> dict[str, str]:
+    """Tensor name -> shard file name, from the index or the single weights file."""
+    index = root / f"{WEIGHTS_STEM}.safetensors.index.json"
+    single = root / f"{WEIGHTS_STEM}.safetensors"
+    if index.is_file():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointNotFoundError(
+                f"checkpoint {name}: corrupt index {index}: {error!r}"
+            ) from None
+    if single.is_file():
+        with safe_open(single, framework="pt", device="cpu") as weights:
+            return dict.fromkeys(weights.keys(), single.name)
+    raise CheckpointNotFoundError(f"checkpoint {name}: missing {single} (or {index.name})")
+
+
+def _text_model_prefix(weight_map: dict[str, str], *, name: str) -> str:
+    for prefix in TEXT_MODEL_PREFIXES:
+        if f"{prefix}norm.weight" in weight_map:
+            return prefix
+    expected = " or ".join(f"{prefix}norm.weight" for prefix in TEXT_MODEL_PREFIXES)
+    raise TailCheckpointError(f"checkpoint {name}: no tensor {expected} (final norm)")
+
+
+def _checkpoint_names(
+    layer: nn.Module, norm: nn.Module, *, prefix: str, last_index: int
+) -> dict[str, str]:
+    """Tail state-dict key ('layer.*', 'norm.*') -> checkpoint tensor name."""
+    wanted = {f"layer.{key}": f"{prefix}layers.{last_index}.{key}" for key in layer.state_dict()}
+    return wanted | {f"norm.{key}": f"{prefix}norm.{key}" for key in norm.state_dict()}
+
+
+def _check_names(
+    wanted: dict[str, str], available: dict[str, str], *, layer_prefix: str, name: str
+) -> None:
+    """Strict key check against the index: every tail tensor present, none unexpected."""
+    missing = sorted(set(wanted.values()) - set(available))
+    present = {key for key in available if key.startswith(layer_prefix)}
+    unexpected = sorted(present - set(wanted.values()))
+    if missing or unexpected:
+        raise TailCheckpointError(
+            f"checkpoint {name}: tail tensors do not match its config: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+
+
+def _read_tensors(
+    root: Path, weight_map: dict[str, str], names: Iterable[str], *, name: str
+) -> dict[str, torch.Tensor]:
+    """Read the named tensors, opening each shard that holds one exactly once."""
+    by_file: dict[str, list[str]] = {}
+    for tensor_name in names:
+        by_file.setdefault(weight_map[tensor_name], []).append(tensor_name)
+    tensors = {}
+    for file_name, tensor_names in sorted(by_file.items()):
+        path = root / file_name
+        if not path.is_file():
+            raise CheckpointNotFoundError(
+                f"checkpoint {name}: shard {path} (holds {tensor_names[0]}) is missing"
+            )
+        with safe_open(path, framework="pt", device="cpu") as weights:
+            stored = set(weights.keys())
+            for tensor_name in tensor_names:
+                if tensor_name not in stored:
+                    raise TailCheckpointError(
+                        f"checkpoint {name}: {path} does not hold {tensor_name} (index says so)"
+                    )
+                tensors[tensor_name] = weights.get_tensor(tensor_name)
+    return tensors
+
+
+def _assign(module: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Load meta-device parameters from real tensors (strict keys; floats cast to dtype)."""
+    cast = {
+        key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()
+    }
+    module.load_state_dict(cast, strict=True, assign=True)
+
+
+def _rotary_embedding(text_config: Qwen2VLTextConfig) -> Qwen2VLRotaryEmbedding:
+    # Built on the CPU: its inv_freq buffers are computed from the config, not stored.
+    return Qwen2VLRotaryEmbedding(config=text_config)
