@@ -11,6 +11,7 @@ Input: an output folder and a seed. Output (deterministic from the seed, byte-id
 Everything loads back through the usual from_pretrained calls.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -99,9 +100,21 @@ def build_tiny_models(out_dir: Path, *, seed: int = 0) -> TinyModelPaths:
 
 
 def _marker_content(seed: int) -> dict:
+    # The presets' hash: a changed tiny architecture must rebuild, not reuse an old build.
+    architecture = json.dumps(
+        [
+            presets.tiny_qwen2vl_config().to_dict(),
+            presets.tiny_flux_transformer_kwargs(),
+            presets.tiny_vae_kwargs(),
+            presets.tiny_clip_text_config().to_dict(),
+        ],
+        sort_keys=True,
+        default=str,
+    )
     return {
         "format": BUILD_FORMAT,
         "seed": seed,
+        "presets_sha256": hashlib.sha256(architecture.encode()).hexdigest(),
         "transformers": transformers.__version__,
         "diffusers": diffusers.__version__,
     }

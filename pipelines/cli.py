@@ -2,6 +2,7 @@
 
     qwenflux tiny-models --out DIR [--seed N]      build the tiny random checkpoints
     qwenflux data --config PRESET [--set k=v]      run or resume the data pipeline
+    qwenflux train --config PRESET [--set k=v]     run or resume the three-stage fine-tune
     qwenflux demo [--config tiny] [--set k=v]      tiny models + the whole embedded pipeline
     qwenflux show-config --config PRESET           the resolved config, after overrides
     qwenflux plan [--config a100x8] [--gpus N]     real-scale memory, FLOPs and days per stage
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, help_text in (
         ("data", "run or resume the data pipeline"),
+        ("train", "run or resume the three-stage fine-tune on Ray Train"),
         ("demo", "build tiny models, then run the embedded pipeline"),
         ("show-config", "print the resolved config"),
     ):
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             return _demo(config)
+        if args.command == "train":
+            return _train(config)
         return _data(config)
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"qwenflux: error: {error}", file=sys.stderr)
@@ -114,6 +118,16 @@ def _data(config) -> int:
 
     summary = run_data(config)
     print(summary.format())
+    return 0
+
+
+def _train(config) -> int:
+    from pipelines.train import run_training
+    from pipelines.train_tracking import tracking_uri
+
+    result = run_training(config)
+    print(f"training finished: {result.checkpoint}")
+    print(f"MLflow: {tracking_uri(config)} (mlflow ui --backend-store-uri {tracking_uri(config)})")
     return 0
 
 

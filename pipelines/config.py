@@ -14,6 +14,7 @@ from components.buckets import BucketConfig
 from components.download import DownloadConfig
 from components.encode import EncodeConfig
 from components.filters import FilterConfig
+from components.training_loop import GuardConfig, ObjectiveConfig, OptimizerConfig, StageConfig
 from components.url_policy import UrlPolicyConfig
 from pipelines.config_loading import ConfigError, apply_override, build, load_toml
 
@@ -120,11 +121,93 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class TrainResourcesConfig:
+    """How training spreads over Ray Train workers."""
+
+    num_workers: int = 1
+    """Ray Train workers (one per GPU on a cluster)."""
+    cpus_per_worker: float = 1.0
+    """CPUs per worker; fractional on small machines so data tasks keep a core."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker (0 = CPU training)."""
+    strategy: str = "ddp"
+    """Parallelism: "ddp" (every worker holds the model; gradients averaged)."""
+    mixed_precision: str = "auto"
+    """"auto" = bf16 autocast on GPU, fp32 on CPU; or "bf16" / "fp32"."""
+    gradient_checkpointing: bool = False
+    """Recompute FLUX block activations in backward (needed at real scale)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise ValueError("num_workers >= 1, cpus_per_worker > 0, gpus_per_worker >= 0")
+        if self.strategy != "ddp":
+            raise ValueError(
+                f"strategy {self.strategy!r}: only 'ddp' is implemented so far (fsdp: issue 3)"
+            )
+        if self.mixed_precision not in ("auto", "bf16", "fp32"):
+            raise ValueError("mixed_precision must be auto, bf16 or fp32")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """The three-stage fine-tune."""
+
+    dataset: str = ""
+    """Dataset root (holds manifest.json); empty = <run.root>/data."""
+    storage_path: str = ""
+    """Ray Train storage for checkpoints (local dir or s3://); empty = <run.root>/train."""
+    micro_batch_size: int = 1
+    """Samples per worker per forward/backward."""
+    accumulation_steps: int = 1
+    """Micro-batches per worker per optimizer step."""
+    checkpoint_every_steps: int = 10
+    """Optimizer steps between checkpoints (and at each stage's end)."""
+    validate_every_steps: int = 10
+    """Optimizer steps between validation losses (and at each stage's end)."""
+    num_validation_samples: int = 4
+    """Held-out samples (kept out of training) for validation loss and the image grid."""
+    max_failures: int = 2
+    """Worker failures Ray Train recovers from (restarting at the last checkpoint)."""
+    resources: TrainResourcesConfig
+    optimizer: OptimizerConfig
+    objective: ObjectiveConfig
+    guard: GuardConfig
+    stages: tuple[StageConfig, ...]
+
+    def __post_init__(self) -> None:
+        for name in (
+            "micro_batch_size",
+            "accumulation_steps",
+            "checkpoint_every_steps",
+            "validate_every_steps",
+            "num_validation_samples",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not self.stages or len({stage.name for stage in self.stages}) != len(self.stages):
+            raise ValueError("stages must be a non-empty list with distinct names")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrackingConfig:
+    """Where runs, metrics, artifacts and registered models go."""
+
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty = SQLite file <run.root>/mlflow.db."""
+    artifact_location: str = ""
+    """Artifact root for new experiments; empty = <run.root>/mlartifacts."""
+    experiment_name: str = "train"
+    """MLflow experiment of training runs."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class PipelineConfig:
     """The whole config of one run: a preset file plus overrides."""
 
     run: RunConfig
     data: DataConfig
+    train: TrainConfig
+    tracking: TrackingConfig
 
 
 def preset_path(name_or_path: str) -> Path:

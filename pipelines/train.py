@@ -1,0 +1,130 @@
+"""The training workflow: three stages on Ray Train over the cached shards, tracked in MLflow.
+
+`run_training(config)` opens (or reopens, on resume) the MLflow parent run, then runs one
+TorchTrainer whose workers walk the stages (pipelines/train_worker.py). Rerunning the same
+command after a crash resumes: Ray Train finds the run's latest checkpoint in `storage_path`
+under the same run name, and the parent run id is kept beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from components import shards
+from pipelines.config import PipelineConfig
+from pipelines.config_loading import config_hash, flatten, to_plain
+from pipelines.data_report import code_version
+from pipelines.ray_session import ray_session
+from pipelines.train_tracking import experiment_id, tracking_uri
+
+
+def dataset_root(config: PipelineConfig) -> Path:
+    return Path(config.train.dataset or Path(config.run.root) / "data").resolve()
+
+
+def storage_path(config: PipelineConfig) -> str:
+    path = config.train.storage_path or str(Path(config.run.root) / "train")
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
+    """Workers run in their own folders: local paths the driver sees become absolute."""
+    encode = config.data.encode
+    absolute = {
+        name: str(Path(getattr(encode, name)).resolve())
+        for name in ("qwen2vl", "flux")
+        if Path(getattr(encode, name)).exists()
+    }
+    return replace(
+        config,
+        run=replace(config.run, root=str(Path(config.run.root).resolve())),
+        data=replace(config.data, encode=replace(encode, **absolute)),
+    )
+
+
+def run_training(config: PipelineConfig):
+    """Train (or resume) all stages; returns Ray Train's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.train_worker import train_loop_per_worker
+
+    config = with_absolute_paths(config)
+    root = dataset_root(config)
+    manifest = shards.read_manifest(root)
+    run_name = f"{config.run.name}-train"
+    parent_run_id = _parent_run(config, manifest, run_name=run_name)
+    resources = config.train.resources
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": to_plain(config),
+            "parent_run_id": parent_run_id,
+            "dataset_root": str(root),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker={
+                "CPU": resources.cpus_per_worker,
+                "GPU": resources.gpus_per_worker,
+            },
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path(config),
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    with ray_session(config.run, temp_root=Path(config.run.root)):
+        result = trainer.fit()
+    _close_parent(config, parent_run_id, failed=result.error is not None)
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def _parent_run(config: PipelineConfig, manifest: dict, *, run_name: str) -> str:
+    """The parent run of this training: reopened from the run folder on resume."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    marker = Path(config.run.root) / "train_parent_run.json"
+    client = MlflowClient(tracking_uri=tracking_uri(config))
+    if marker.exists():
+        parent = json.loads(marker.read_text())
+        if parent["config_hash"] != config_hash(config.train):
+            raise ValueError(
+                f"{marker}: a training with a different train config already lives in "
+                f"{config.run.root}; resume needs the same config, or choose a new run.root"
+            )
+        client.update_run(parent["run_id"], status="RUNNING")
+        return parent["run_id"]
+    version = code_version()
+    run = client.create_run(
+        experiment_id(client, config),
+        run_name=f"{run_name}-{version['git_sha']}",
+        tags={
+            "git_sha": version["git_sha"],
+            "config_hash": config_hash(config),
+            "data_manifest_id": str(manifest.get("dataset_id", "")),
+            "preset": config.run.name,
+        },
+    )
+    params = [Param(key, str(value)[:6000]) for key, value in flatten(config).items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[start : start + 100])
+    shards.write_json_atomic(
+        marker, {"run_id": run.info.run_id, "config_hash": config_hash(config.train)}
+    )
+    return run.info.run_id
+
+
+def _close_parent(config: PipelineConfig, run_id: str, *, failed: bool) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(config))
+    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")

@@ -1,0 +1,121 @@
+"""Building the trained model and saving / restoring its training state.
+
+Model: FLUX transformer from the diffusers-layout checkpoint, Qwen2-VL's last layer + norm read
+alone from its sharded checkpoint, a fresh connector (seeded). Checkpoint folder (one per Ray
+Train checkpoint): `weights.safetensors` (every parameter any stage so far trained, by name),
+`optimizer.pt` (the current stage's AdamW state, loaded with weights_only=True) and
+`state.json` (stage index, next step, guard state).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from components import shards
+from components.encode import resolve_checkpoint
+from components.tail_checkpoint import load_qwen2vl_tail
+from components.training_loop import LatentConvention, QwenFluxModel
+from model.conditioning import Connector
+
+WEIGHTS_FILE = "weights.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True, slots=True)
+class TrainState:
+    """Where training stands: the stage, the next optimizer step, and what resumes it."""
+
+    stage_index: int
+    next_step: int
+    optimizer_state: dict[str, Any]
+    guard_state: dict[str, Any]
+
+
+def build_model(config, *, dataset_root: Path) -> tuple[QwenFluxModel, LatentConvention]:
+    """The trainable model from the configured checkpoints, and the latent convention of the
+    dataset (its manifest) with the empty-prompt CLIP pooled vector."""
+    from diffusers import FluxTransformer2DModel
+
+    encode = config.data.encode
+    flux = resolve_checkpoint(
+        encode.flux, revision=encode.flux_revision, root_file="model_index.json", required=()
+    )
+    transformer = FluxTransformer2DModel.from_pretrained(flux.path, subfolder="transformer")
+    tail = load_qwen2vl_tail(encode.qwen2vl, revision=encode.qwen2vl_revision)
+    torch.manual_seed(config.run.seed)
+    connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
+    manifest = shards.read_manifest(dataset_root)
+    encoders = manifest.get("encoders", {})
+    convention = LatentConvention(
+        scaling_factor=float(encoders["vae_scaling_factor"]),
+        shift_factor=float(encoders["vae_shift_factor"]),
+        empty_pooled_P=empty_prompt_pooled(flux.path),
+    )
+    return QwenFluxModel(tail, connector, transformer), convention
+
+
+def empty_prompt_pooled(flux_root: Path) -> torch.Tensor:
+    """CLIP-L pooled vector of "" (what FLUX gets when no caption conditions the sample)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(flux_root, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(flux_root, subfolder="text_encoder").eval()
+    tokens = tokenizer(
+        [""],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        return encoder(input_ids=tokens.input_ids).pooler_output[0].float()
+
+
+def save_train_state(
+    folder: Path, model: QwenFluxModel, state: TrainState, *, touched: tuple[str, ...]
+) -> None:
+    """Write a checkpoint folder (see the module docstring)."""
+    weights = {
+        name: param.detach().cpu().contiguous()
+        for name, param in model.named_parameters()
+        if name.startswith(touched)
+    }
+    save_file(weights, str(folder / WEIGHTS_FILE))
+    torch.save(state.optimizer_state, folder / OPTIMIZER_FILE)
+    payload = {
+        "stage_index": state.stage_index,
+        "next_step": state.next_step,
+        "guard": state.guard_state,
+    }
+    (folder / STATE_FILE).write_text(json.dumps(payload))
+
+
+def load_train_state(checkpoint, model: QwenFluxModel) -> TrainState | None:
+    """Restore weights into `model` and return the state, or None without a checkpoint."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        for name in (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE):
+            if not (folder / name).exists():
+                raise FileNotFoundError(f"checkpoint {folder} lacks {name}")
+        weights = load_file(str(folder / WEIGHTS_FILE))
+        parameters = dict(model.named_parameters())
+        unknown = sorted(set(weights) - set(parameters))
+        if unknown:
+            raise KeyError(f"checkpoint {folder}: unknown parameters {unknown[:3]}")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                parameters[name].copy_(tensor)
+        optimizer_state = torch.load(folder / OPTIMIZER_FILE, weights_only=True)
+        payload = json.loads((folder / STATE_FILE).read_text())
+    return TrainState(
+        payload["stage_index"], payload["next_step"], optimizer_state, payload["guard"]
+    )

@@ -1,0 +1,191 @@
+"""MLflow for training: a parent run per training, a child run per stage, logged from rank 0.
+
+The driver opens (or, on resume, reopens) the parent run and logs the config and lineage tags;
+rank 0 creates or finds the stage's child run, logs step metrics, validation losses and the
+fixed-seed image grid, and the stage's final checkpoint as artifacts. Everything goes through
+MlflowClient with explicit run ids, so no global "active run" state crosses processes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.flow_matching import (
+    latent_image_ids,
+    pack_latents,
+    resolution_shift_mu,
+    unpack_latents,
+    unscale_latents,
+)
+from model.flux_forward import FluxConditioning, predict_velocity
+from model.sampling import euler_sample, flux_sigmas
+
+GRID_SAMPLING_STEPS = 8
+GRID_SEED = 7
+
+
+def tracking_uri(config) -> str:
+    """The configured tracking URI, or a SQLite file in the run directory."""
+    if config.tracking.tracking_uri:
+        return config.tracking.tracking_uri
+    return f"sqlite:///{Path(config.run.root).resolve() / 'mlflow.db'}"
+
+
+def artifact_location(config) -> str:
+    if config.tracking.artifact_location:
+        return config.tracking.artifact_location
+    return (Path(config.run.root).resolve() / "mlartifacts").as_uri()
+
+
+def experiment_id(client, config) -> str:
+    """The training experiment, created with the configured artifact root if missing."""
+    name = config.tracking.experiment_name
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(config))
+
+
+class StageTracker:
+    """Rank 0's MLflow writer for the stages of one training run."""
+
+    def __init__(self, config, *, parent_run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        self.config = config
+        self.client = MlflowClient(tracking_uri=tracking_uri(config))
+        self.parent_run_id = parent_run_id
+        self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+        self.run_id = ""
+        self.stage_index = 0
+        self._vae = None
+        self._progress = None
+
+    def start_stage(self, stage_index: int, stage, *, num_trainable: int) -> None:
+        """Find the stage's child run (a resumed stage) or create it."""
+        from tqdm import tqdm
+
+        self.stage_index = stage_index
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
+                f"and tags.stage = '{stage.name}'"
+            ),
+        )
+        if found:
+            self.run_id = found[0].info.run_id
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{self.config.run.name}-{stage.name}",
+                tags={"mlflow.parentRunId": self.parent_run_id, "stage": stage.name},
+            )
+            self.run_id = run.info.run_id
+            self.client.log_param(self.run_id, "flux_blocks", list(stage.flux_blocks))
+            self.client.log_param(self.run_id, "num_trainable_parameters", num_trainable)
+        if self._progress is not None:
+            self._progress.close()
+        self._progress = tqdm(total=stage.num_steps, desc=stage.name, unit="step")
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.client.log_batch(self.run_id, metrics=_metrics(metrics, step))
+        self._progress.n = step + 1
+        self._progress.set_postfix(
+            loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_second']:.1f}"
+        )
+        self._progress.refresh()
+
+    def log_validation(self, step: int, model, batch: dict[str, Any], convention) -> None:
+        from components.training_loop import validation_losses
+
+        losses = validation_losses(
+            model, batch, objective=self.config.train.objective, convention=convention
+        )
+        metrics = {f"validation_loss_sigma_{sigma:g}": value for sigma, value in losses.items()}
+        metrics["validation_loss"] = sum(losses.values()) / len(losses)
+        self.client.log_batch(self.run_id, metrics=_metrics(metrics, step))
+        grid = self._image_grid(model, batch, convention)
+        self.client.log_image(self.run_id, grid, artifact_file=f"grids/step_{step:06d}.png")
+
+    def log_checkpoint(self, folder: Path, stage_name: str) -> None:
+        self.client.log_artifacts(self.parent_run_id, str(folder), f"checkpoints/{stage_name}")
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+
+    def _image_grid(self, model, batch: dict[str, Any], convention) -> np.ndarray:
+        """Fixed-seed generations from the held-out references (image-only), side by side
+        with the references decoded from their latents: row 1 generated, row 2 reference."""
+        from components.training_loop import condition_tokens
+        from model.conditioning import pad_tokens
+
+        raw = batch["vae_latent"]
+        height, width = raw.shape[-2:]
+        generator = torch.Generator().manual_seed(GRID_SEED)
+        noise = pack_latents(torch.randn(raw.shape, generator=generator))
+        with torch.no_grad():
+            image_tokens, _ = condition_tokens(model, batch)
+            hidden, mask = pad_tokens(image_tokens)
+            conditioning = FluxConditioning(
+                model.connector(hidden),
+                mask,
+                convention.empty_pooled_P[None, :].expand(raw.shape[0], -1),
+                torch.full((raw.shape[0],), self.config.train.objective.guidance),
+            )
+            ids = latent_image_ids(height, width_latent=width)
+            sigmas = flux_sigmas(GRID_SAMPLING_STEPS, mu=resolution_shift_mu(noise.shape[1]))
+            velocity = lambda x, s: predict_velocity(  # noqa: E731
+                model.transformer, x, image_ids_L3=ids, sigmas_B=s, conditioning=conditioning
+            )
+            packed = euler_sample(velocity, noise, sigmas_N1=sigmas)
+            generated = unpack_latents(packed, height=height, width=width)
+            generated = unscale_latents(
+                generated,
+                scaling_factor=convention.scaling_factor,
+                shift_factor=convention.shift_factor,
+            )
+            images = self._decode(torch.cat([generated, raw]))
+        return _grid(images, columns=raw.shape[0])
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self._vae is None:
+            from diffusers import AutoencoderKL
+
+            from components.encode import resolve_checkpoint
+
+            encode = self.config.data.encode
+            flux = resolve_checkpoint(
+                encode.flux,
+                revision=encode.flux_revision,
+                root_file="model_index.json",
+                required=(),
+            )
+            self._vae = AutoencoderKL.from_pretrained(flux.path, subfolder="vae").eval()
+        return self._vae.decode(latents.to(self._vae.dtype)).sample.float()
+
+
+def _grid(images: torch.Tensor, *, columns: int) -> np.ndarray:
+    """[N, 3, H, W] in [-1, 1] -> one uint8 HxWx3 image, `columns` per row."""
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    rows = [
+        torch.cat(list(pixels[start : start + columns]), dim=-1)
+        for start in range(0, pixels.shape[0], columns)
+    ]
+    return torch.cat(rows, dim=-2).permute(1, 2, 0).numpy()
+
+
+def _metrics(values: dict[str, float], step: int):
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, step) for key, value in values.items()]
