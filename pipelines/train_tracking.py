@@ -71,6 +71,7 @@ class StageTracker:
         """Find the stage's child run (a resumed stage) or create it."""
         from tqdm import tqdm
 
+        self._close_stage_run()
         self.stage_index = stage_index
         found = self.client.search_runs(
             [self.experiment_id],
@@ -81,6 +82,7 @@ class StageTracker:
         )
         if found:
             self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
         else:
             run = self.client.create_run(
                 self.experiment_id,
@@ -118,8 +120,13 @@ class StageTracker:
         self.client.log_artifacts(self.parent_run_id, str(folder), f"checkpoints/{stage_name}")
 
     def finish(self) -> None:
+        self._close_stage_run()
         if self._progress is not None:
             self._progress.close()
+
+    def _close_stage_run(self) -> None:
+        if self.run_id:
+            self.client.set_terminated(self.run_id, status="FINISHED")
 
     def _image_grid(self, model, batch: dict[str, Any], convention) -> np.ndarray:
         """Fixed-seed generations from the held-out references (image-only), side by side

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,12 @@ RUN_ENV = {
 MAX_RAY_TEMP_CHARS = 44
 DOWNLOAD_TARGET = 0.85
 ENCODE_TARGET = 1.6
+DOWNLOAD_BUDGET_SHARE = 0.4
+"""Part A stops repeating after this share of --budget-s; part B has the rest."""
 DOWNLOAD_VARIANTS = ("img2dataset", "ours")
-ENCODE_VARIANTS = ("single", "single, 1 torch thread", "pool", "pool, 1 torch thread")
+SINGLE_ONE_THREAD = "single, 1 torch thread"
+POOL_ONE_THREAD = "pool, 1 torch thread"
+IN_FLIGHT = "task(s) in flight per actor"
 
 
 @dataclass
@@ -53,10 +58,23 @@ class Timings:
     """Seconds per repeat of each measured variant, plus what each run produced."""
 
     seconds: dict[str, list[float]] = field(default_factory=dict)
+    cpu_seconds: dict[str, list[float]] = field(default_factory=dict)
+    """CPU time the measured processes got in the same runs (encode variants only)."""
+    details: dict[str, list[str]] = field(default_factory=dict)
+    """What each run of a variant saw (threads, cores, start-up), per repeat."""
     notes: dict[str, str] = field(default_factory=dict)
 
-    def add(self, name: str, seconds: float) -> None:
+    def add(
+        self, name: str, seconds: float, cpu_seconds: float | None = None, detail: str = ""
+    ) -> None:
         self.seconds.setdefault(name, []).append(seconds)
+        self.details.setdefault(name, []).append(detail)
+        if cpu_seconds is not None:
+            self.cpu_seconds.setdefault(name, []).append(cpu_seconds)
+
+    def best_detail(self, name: str) -> str:
+        values = self.seconds[name]
+        return self.details[name][values.index(min(values))]
 
     def best(self, name: str) -> float:
         return min(self.seconds[name])
@@ -69,6 +87,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-side", type=int, default=512, help="longest side of the images")
     parser.add_argument("--threads", type=int, default=16, help="download threads per process")
     parser.add_argument("--encode-samples", type=int, default=192, help="samples encoded in (B)")
+    parser.add_argument(
+        "--ray-worker-niceness",
+        type=int,
+        default=0,
+        help="nice value of Ray workers (Ray's default is 15; 0 = same priority as img2dataset "
+        "and the single loop, which is what a fair comparison on a shared machine needs)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=540.0,
+        help="wall-time budget: fewer repeats are run when the machine is too slow for it",
+    )
+    parser.add_argument(
+        "--max-tasks-in-flight",
+        type=int,
+        default=0,
+        help="also time the pool with ActorPoolStrategy(max_tasks_in_flight_per_actor=N)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     if args.images < 24 or args.repeats < 1 or args.encode_samples < 2:
@@ -80,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for key, value in RUN_ENV.items():
         os.environ.setdefault(key, value)
+    os.environ["RAY_worker_niceness"] = str(args.ray_worker_niceness)
     local_tmp = REPO_ROOT / ".tmp"
     local_tmp.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-data-", dir=local_tmp))
@@ -91,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"Ray temp folder {ray_temp} is too long for its unix sockets")
     started = time.perf_counter()
     load_before = os.getloadavg()
-    print(f"work folder {work}, Ray temp {ray_temp}, {os.cpu_count()} CPUs, "
-          f"load average {load_before[0]:.2f}", flush=True)
+    print(
+        f"work folder {work}, Ray temp {ray_temp}, {os.cpu_count()} CPUs, "
+        f"load average {load_before[0]:.2f}",
+        flush=True,
+    )
     try:
         bench = Bench(args, work=work, ray_temp=ray_temp)
         bench.prepare()
@@ -101,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.report()
         print(
             f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before[0]:.2f} at start, "
-            f"{os.getloadavg()[0]:.2f} at end; benchmark wall time "
+            f"{os.getloadavg()[0]:.2f} at end; Ray worker niceness {args.ray_worker_niceness}; "
+            "benchmark wall time "
             f"{time.perf_counter() - started:.0f} s"
         )
     finally:
@@ -122,6 +164,7 @@ class Bench:
         self.chunk_size = math.ceil(args.images / 2)
         self.corpus = work / "corpus"
         self.encode_layout_root: Path | None = None
+        self.started = time.perf_counter()
 
     def prepare(self) -> None:
         """Corpus, url lists (relative for the pipeline, absolute for img2dataset), models."""
@@ -160,6 +203,25 @@ class Bench:
             ],
         )
 
+    def _ray_init(self) -> None:
+        """In-process Ray on the 2 cores, its session files under the short run-local folder."""
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=self.ray_temp, log_to_driver=False)
+
+    def _repeats(self, part: str, *, share: float) -> Iterator[int]:
+        """Repeat indices; stops early when another repeat would overrun the time budget."""
+        deadline = self.started + share * self.args.budget_s
+        for repeat in range(self.args.repeats):
+            began = time.perf_counter()
+            yield repeat
+            if time.perf_counter() + (time.perf_counter() - began) > deadline:
+                if repeat + 1 < self.args.repeats:
+                    self.timings.notes[f"part {part}"] = (
+                        f"stopped after {repeat + 1} repeats to stay within --budget-s"
+                    )
+                return
+
     def run_download(self) -> None:
         """Part A, alternating which side goes first so drifting load hits both alike."""
         from components.demo_corpus import corpus_url_items, write_url_list
@@ -168,12 +230,26 @@ class Bench:
         with LoopbackServer(self.corpus) as server:
             absolute = corpus_url_items(self.items, base_url=server.base_url)
             absolute_list = write_url_list(absolute, self.work / "urls-absolute.parquet")
-            for repeat in range(self.args.repeats):
+            for repeat in self._repeats("A", share=DOWNLOAD_BUDGET_SHARE):
                 sides = [self._img2dataset_once, self._ours_once]
                 if repeat % 2:
                     sides.reverse()
                 for side in sides:
                     side(repeat, base_url=server.base_url, absolute_list=absolute_list)
+        self._import_probe()
+
+    def _import_probe(self) -> None:
+        """What each chunk task pays for imports in a cold worker, before its first row."""
+        import ray
+
+        self._ray_init()
+        try:
+            probe = ray.remote(num_cpus=1)(cold_import_seconds)
+            results = ray.get([probe.remote() for _ in range(2)])
+        finally:
+            ray.shutdown()
+        for name in results[0]:
+            self.timings.add(f"chunk task import: {name}", max(r[name] for r in results))
 
     def _img2dataset_once(self, repeat: int, *, base_url: str, absolute_list: Path) -> None:
         import img2dataset
@@ -214,8 +290,7 @@ class Bench:
         layout = DataLayout(root)
         chunks = _chunk_rows(read_url_list(self.url_list), config.data.resources.chunk_size)
         started = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=self.ray_temp,
-                 log_to_driver=False)
+        self._ray_init()
         init_seconds = time.perf_counter() - started
         try:
             started = time.perf_counter()
@@ -246,30 +321,34 @@ class Bench:
         """
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=self.ray_temp,
-                 log_to_driver=False)
+        self._ray_init()
         try:
             logging.getLogger("ray.data").setLevel(logging.ERROR)
-            ray.data.DataContext.get_current().enable_progress_bars = False
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = False
+            # Dispatch only once every actor is up: with ten groups, the seconds between the
+            # first and the last actor finishing start-up would count as encoding time.
+            context.wait_for_min_actors_s = 600
             groups, config = self._encode_groups_input()
             single = SingleLoop(config)
             self.timings.notes["single load"] = f"{single.load_seconds:.2f} s (not timed)"
-            variants: list[tuple[str, int | None]] = [
-                ("single", None), ("single, 1 torch thread", 1), ("pool", None)
-            ]
-            for repeat in range(self.args.repeats):
-                for name, threads in variants if repeat % 2 == 0 else variants[::-1]:
+            variants = ["single", SINGLE_ONE_THREAD, "pool"]
+            if self.args.max_tasks_in_flight:
+                variants.append(f"pool, {self.args.max_tasks_in_flight} {IN_FLIGHT}")
+            for repeat in self._repeats("B", share=1.0):
+                for name in variants if repeat % 2 == 0 else variants[::-1]:
                     if name.startswith("single"):
-                        seconds, rows, seen = single.run(groups, torch_threads=threads)
-                        detail = f"torch threads {seen}"
+                        threads = 1 if name == SINGLE_ONE_THREAD else None
+                        seconds, cpu, rows, detail = single.run(groups, torch_threads=threads)
                     else:
-                        seconds, rows, seen, detail = self._pool_once(groups, config, threads)
-                        if max(seen) > 1 and len(variants) == 3:
-                            variants.append(("pool, 1 torch thread", 1))
-                    self.timings.add(name, seconds)
-                    self.timings.notes[name] = detail
-                    print(f"[B{repeat}] {name}: {rows} samples in {seconds:.2f} s ({detail})",
-                          flush=True)
+                        seconds, cpu, rows, seen, detail = self._pool_once(groups, config, name)
+                        if max(seen) > 1 and POOL_ONE_THREAD not in variants:
+                            variants.append(POOL_ONE_THREAD)
+                    self.timings.add(name, seconds, cpu, detail)
+                    print(
+                        f"[B{repeat}] {name}: {rows} samples in {seconds:.2f} s ({detail})",
+                        flush=True,
+                    )
                     self._remove_shards()
         finally:
             ray.shutdown()
@@ -299,22 +378,33 @@ class Bench:
         self.encode_samples = sum(len(group["keys"]) for group in groups)
         sizes = Counter(group["bucket_id"] for group in groups for _ in group["keys"])
         self.timings.notes["groups"] = f"{len(groups)} groups, {dict(sorted(sizes.items()))}"
-        print(f"encode input: {self.encode_samples} samples in {len(groups)} groups "
-              f"{dict(sorted(sizes.items()))}", flush=True)
+        print(
+            f"encode input: {self.encode_samples} samples in {len(groups)} groups "
+            f"{dict(sorted(sizes.items()))}",
+            flush=True,
+        )
         return groups, config
 
-    def _pool_once(self, groups, config, threads: int | None) -> tuple[float, int, list, str]:
-        """map_batches exactly as _encode_groups calls it, with a timing subclass of the actor."""
+    def _pool_once(self, groups, config, variant: str) -> tuple:
+        """map_batches exactly as _encode_groups calls it, with a timing subclass of the actor.
+
+        Returns (encode span, actor CPU seconds in it, rows, torch threads seen, detail).
+        """
         import ray
 
         log_dir = Path(tempfile.mkdtemp(prefix="pool-log-", dir=self.work))
         resources = config.resources
+        threads = 1 if variant == POOL_ONE_THREAD else None
+        in_flight = self.args.max_tasks_in_flight if IN_FLIGHT in variant else None
         submitted = time.time()
         results = ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
             timed_group_encoder(str(log_dir), threads),
             fn_constructor_kwargs={"config": config},
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(resources.num_encoders, len(groups))),
+            compute=ray.data.ActorPoolStrategy(
+                size=min(resources.num_encoders, len(groups)),
+                max_tasks_in_flight_per_actor=in_flight,
+            ),
             num_cpus=resources.cpus_per_encoder,
             num_gpus=resources.gpus_per_encoder or None,
         )
@@ -322,20 +412,25 @@ class Bench:
         finished = time.time()
         if rows != self.encode_samples:
             raise RuntimeError(f"pool wrote {rows} rows for {self.encode_samples} samples")
-        events = [
-            json.loads(line) for path in log_dir.glob("*.jsonl") for line in path.open()
-        ]
+        events = [json.loads(line) for path in log_dir.glob("*.jsonl") for line in path.open()]
         ready = [event["t"] for event in events if event["kind"] == "ready"]
         calls = [event for event in events if event["kind"] == "call"]
         span = max(call["end"] for call in calls) - min(call["start"] for call in calls)
         threads_seen = sorted({event["threads"] for event in events if event["kind"] == "ready"})
-        name = "pool" if threads is None else "pool, 1 torch thread"
-        self.timings.add(f"{name} end-to-end", finished - submitted)
+        cpu = sum(call["cpu"] for call in calls)
+        calls_per_actor = sorted(Counter(call["pid"] for call in calls).values())
+        busy = sum(call["end"] - call["start"] for call in calls) / (len(ready) * span)
+        first = min(calls, key=lambda call: call["start"])
+        last = max(calls, key=lambda call: call["end"])
+        machine = (last["busy_end"] - first["busy_start"]) / span
+        self.timings.add(f"{variant} end-to-end", finished - submitted)
         detail = (
-            f"{len(ready)} actors, torch threads {threads_seen}, actors ready after "
-            f"{max(ready) - submitted:.2f} s, end to end {finished - submitted:.2f} s"
+            f"{len(ready)} actors, torch threads {threads_seen}, groups per actor "
+            f"{calls_per_actor}, actors busy {busy:.0%} of the span, actors ready after "
+            f"{max(ready) - submitted:.2f} s, end to end {finished - submitted:.2f} s, "
+            f"machine busy {machine:.2f} of {os.cpu_count()} cores (ours {cpu / span:.2f})"
         )
-        return span, rows, threads_seen, detail
+        return span, cpu, rows, threads_seen, detail
 
     def _remove_shards(self) -> None:
         shutil.rmtree(self.encode_layout_root / "data" / "shards", ignore_errors=True)
@@ -344,24 +439,30 @@ class Bench:
         timings = self.timings
         images = self.args.images
         print(f"\n== measured (best of {self.args.repeats} repeats each) ==")
-        print(f"{'variant':<34}{'best s':>9}{'all s':>30}{'rate (best)':>18}")
+        print(f"{'variant':<46}{'best s':>8}{'all s':>24}{'rate (best)':>18}")
         for name, values in timings.seconds.items():
             if name in DOWNLOAD_VARIANTS:
                 rate = f"{images / min(values):.1f} img/s"
-            elif name in ENCODE_VARIANTS:
+            elif name in timings.cpu_seconds:
                 rate = f"{self.encode_samples / min(values):.1f} samples/s"
             else:
                 rate = ""
             listed = " ".join(f"{value:.2f}" for value in values)
-            print(f"{name:<34}{min(values):>9.2f}{listed:>30}{rate:>18}")
+            print(f"{name:<46}{min(values):>8.2f}{listed:>24}{rate:>18}")
         for name, note in timings.notes.items():
             print(f"  {name}: {note}")
+        for name in timings.cpu_seconds:
+            print(f"  {name} (best run): {timings.best_detail(name)}")
+        self._print_cpu_use()
         rates = {
             name: (images if name in DOWNLOAD_VARIANTS else self.encode_samples)
             / timings.best(name)
-            for name in (*DOWNLOAD_VARIANTS, *ENCODE_VARIANTS)
-            if name in timings.seconds
+            for name in (*DOWNLOAD_VARIANTS, *timings.cpu_seconds)
         }
+        self._print_summary(rates)
+
+    def _print_summary(self, rates: dict[str, float]) -> None:
+        """The block the issue asks for, then the context needed to read it."""
         ours, baseline = rates["ours"], rates["img2dataset"]
         pool, single = rates["pool"], rates["single"]
         print()
@@ -373,15 +474,36 @@ class Bench:
             f"encode: pool {pool:.1f} samples/s, single {single:.1f} samples/s, "
             f"ratio {pool / single:.2f} (target >= {ENCODE_TARGET})"
         )
-        single_one = rates["single, 1 torch thread"]
+        single_one = rates[SINGLE_ONE_THREAD]
         print(
             f"encode vs single with 1 torch thread: single {single_one:.1f} samples/s, "
-            f"ratio {pool / single_one:.2f}"
+            f"ratio {pool / single_one:.2f}; pool samples per CPU second = "
+            f"{self._per_cpu('pool') / self._per_cpu(SINGLE_ONE_THREAD):.2f} x single's"
         )
-        if "pool, 1 torch thread" in rates:
-            pool_one = rates["pool, 1 torch thread"]
-            print(f"encode, torch.set_num_threads(1) per actor: pool {pool_one:.1f} samples/s, "
-                  f"ratio {pool_one / single:.2f}")
+        for name in rates:
+            if name.startswith("pool,"):
+                print(
+                    f"encode, {name}: {rates[name]:.1f} samples/s, ratio {rates[name] / single:.2f}"
+                )
+
+    def _print_cpu_use(self) -> None:
+        """Cores each encode variant got in its best run, and samples per CPU second.
+
+        On a shared machine the pool can only scale with the cores it is given; samples per
+        CPU second shows whether it wastes any of them, independent of the other load.
+        """
+        parts = []
+        for name, cpu_values in self.timings.cpu_seconds.items():
+            seconds = self.timings.seconds[name]
+            best = seconds.index(min(seconds))
+            cores = cpu_values[best] / seconds[best]
+            parts.append(f"{name} {cores:.2f} cores, {self._per_cpu(name):.1f} samples/CPU-s")
+        print("  encode CPU use (best run): " + "; ".join(parts))
+
+    def _per_cpu(self, name: str) -> float:
+        """Samples per CPU second our processes used in the variant's best run."""
+        seconds = self.timings.seconds[name]
+        return self.encode_samples / self.timings.cpu_seconds[name][seconds.index(min(seconds))]
 
 
 class SingleLoop:
@@ -398,19 +520,59 @@ class SingleLoop:
         self.default_threads = torch.get_num_threads()
 
     def run(self, groups: list[dict[str, Any]], *, torch_threads: int | None) -> tuple:
-        """(seconds, rows, torch threads used) for encoding every group once."""
+        """(seconds, CPU seconds, rows, detail) for encoding every group once."""
         import torch
 
         torch.set_num_threads(torch_threads or self.default_threads)
         rows = 0
-        started = time.perf_counter()
+        busy_started = machine_busy_seconds()
+        started, cpu_started = time.perf_counter(), time.process_time()
         try:
             for group in groups:
                 batch = {name: [value] for name, value in group.items()}
                 rows += sum(self.encoder(batch)["num_rows"])
-            return time.perf_counter() - started, rows, torch.get_num_threads()
+            seconds = time.perf_counter() - started
+            cpu = time.process_time() - cpu_started
+            machine = (machine_busy_seconds() - busy_started) / seconds
+            detail = (
+                f"torch threads {torch.get_num_threads()}, machine busy {machine:.2f} of "
+                f"{os.cpu_count()} cores (ours {cpu / seconds:.2f})"
+            )
+            return seconds, cpu, rows, detail
         finally:
             torch.set_num_threads(self.default_threads)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores of the machine spent busy since boot (every process, not only ours)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return math.nan
+    ticks = [int(value) for value in fields[:8]]
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def cold_import_seconds() -> dict[str, float]:
+    """Import times, in a fresh process, of what process_chunk needs and of what it drags in."""
+    steps = {
+        "filter/download modules": (
+            "components.download",
+            "components.filters",
+            "components.url_policy",
+            "pipelines.data_layout",
+        ),
+        "img2dataset": ("img2dataset.downloader",),
+        "rest of pipelines.data": ("pipelines.data",),
+    }
+    seconds = {}
+    for name, modules in steps.items():
+        started = time.perf_counter()
+        for module in modules:
+            __import__(module)
+        seconds[name] = time.perf_counter() - started
+    return seconds
 
 
 def timed_group_encoder(log_dir: str, torch_threads: int | None) -> type:
@@ -428,9 +590,20 @@ def timed_group_encoder(log_dir: str, torch_threads: int | None) -> type:
             self._log({"kind": "ready", "t": time.time(), "threads": torch.get_num_threads()})
 
         def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-            started = time.time()
+            started, cpu_started = time.time(), time.process_time()
+            busy_started = machine_busy_seconds()
             result = super().__call__(batch)
-            self._log({"kind": "call", "start": started, "end": time.time()})
+            self._log(
+                {
+                    "kind": "call",
+                    "start": started,
+                    "end": time.time(),
+                    "cpu": time.process_time() - cpu_started,
+                    "busy_start": busy_started,
+                    "busy_end": machine_busy_seconds(),
+                    "pid": os.getpid(),
+                }
+            )
             return result
 
         def _log(self, event: dict[str, Any]) -> None:
