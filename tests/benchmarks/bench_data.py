@@ -50,7 +50,6 @@ DOWNLOAD_BUDGET_SHARE = 0.4
 DOWNLOAD_VARIANTS = ("img2dataset", "ours")
 SINGLE_ONE_THREAD = "single, 1 torch thread"
 POOL_ONE_THREAD = "pool, 1 torch thread"
-IN_FLIGHT = "task(s) in flight per actor"
 
 
 @dataclass
@@ -72,12 +71,11 @@ class Timings:
         if cpu_seconds is not None:
             self.cpu_seconds.setdefault(name, []).append(cpu_seconds)
 
-    def best_detail(self, name: str) -> str:
-        values = self.seconds[name]
-        return self.details[name][values.index(min(values))]
-
     def best(self, name: str) -> float:
         return min(self.seconds[name])
+
+    def best_detail(self, name: str) -> str:
+        return self.details[name][self.seconds[name].index(self.best(name))]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,12 +97,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=540.0,
         help="wall-time budget: fewer repeats are run when the machine is too slow for it",
-    )
-    parser.add_argument(
-        "--max-tasks-in-flight",
-        type=int,
-        default=0,
-        help="also time the pool with ActorPoolStrategy(max_tasks_in_flight_per_actor=N)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
@@ -143,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before[0]:.2f} at start, "
             f"{os.getloadavg()[0]:.2f} at end; Ray worker niceness {args.ray_worker_niceness}; "
-            "benchmark wall time "
-            f"{time.perf_counter() - started:.0f} s"
+            f"benchmark wall time {time.perf_counter() - started:.0f} s"
         )
     finally:
         if not args.keep:
@@ -333,8 +324,6 @@ class Bench:
             single = SingleLoop(config)
             self.timings.notes["single load"] = f"{single.load_seconds:.2f} s (not timed)"
             variants = ["single", SINGLE_ONE_THREAD, "pool"]
-            if self.args.max_tasks_in_flight:
-                variants.append(f"pool, {self.args.max_tasks_in_flight} {IN_FLIGHT}")
             for repeat in self._repeats("B", share=1.0):
                 for name in variants if repeat % 2 == 0 else variants[::-1]:
                     if name.startswith("single"):
@@ -395,16 +384,12 @@ class Bench:
         log_dir = Path(tempfile.mkdtemp(prefix="pool-log-", dir=self.work))
         resources = config.resources
         threads = 1 if variant == POOL_ONE_THREAD else None
-        in_flight = self.args.max_tasks_in_flight if IN_FLIGHT in variant else None
         submitted = time.time()
         results = ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
             timed_group_encoder(str(log_dir), threads),
             fn_constructor_kwargs={"config": config},
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(
-                size=min(resources.num_encoders, len(groups)),
-                max_tasks_in_flight_per_actor=in_flight,
-            ),
+            compute=ray.data.ActorPoolStrategy(size=min(resources.num_encoders, len(groups))),
             num_cpus=resources.cpus_per_encoder,
             num_gpus=resources.gpus_per_encoder or None,
         )
@@ -480,11 +465,9 @@ class Bench:
             f"ratio {pool / single_one:.2f}; pool samples per CPU second = "
             f"{self._per_cpu('pool') / self._per_cpu(SINGLE_ONE_THREAD):.2f} x single's"
         )
-        for name in rates:
-            if name.startswith("pool,"):
-                print(
-                    f"encode, {name}: {rates[name]:.1f} samples/s, ratio {rates[name] / single:.2f}"
-                )
+        if POOL_ONE_THREAD in rates:
+            pool_one = rates[POOL_ONE_THREAD]
+            print(f"encode, {POOL_ONE_THREAD}: {pool_one:.1f} samples/s, x{pool_one / single:.2f}")
 
     def _print_cpu_use(self) -> None:
         """Cores each encode variant got in its best run, and samples per CPU second.
@@ -493,17 +476,15 @@ class Bench:
         CPU second shows whether it wastes any of them, independent of the other load.
         """
         parts = []
-        for name, cpu_values in self.timings.cpu_seconds.items():
-            seconds = self.timings.seconds[name]
-            best = seconds.index(min(seconds))
-            cores = cpu_values[best] / seconds[best]
+        for name in self.timings.cpu_seconds:
+            cores = self.encode_samples / self.timings.best(name) / self._per_cpu(name)
             parts.append(f"{name} {cores:.2f} cores, {self._per_cpu(name):.1f} samples/CPU-s")
         print("  encode CPU use (best run): " + "; ".join(parts))
 
     def _per_cpu(self, name: str) -> float:
         """Samples per CPU second our processes used in the variant's best run."""
-        seconds = self.timings.seconds[name]
-        return self.encode_samples / self.timings.cpu_seconds[name][seconds.index(min(seconds))]
+        best = self.timings.seconds[name].index(self.timings.best(name))
+        return self.encode_samples / self.timings.cpu_seconds[name][best]
 
 
 class SingleLoop:

@@ -1,0 +1,106 @@
+"""Exact resume of training: a straight run vs a run SIGKILLed in stage 2 (the whole process
+group, as a crash would) and rerun with the same command. The per-step losses match to 1e-6,
+and the rerun really resumed (stage 1 was not trained again)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STEPS = (3, 3, 3)
+
+
+def _command(root: Path, models, dataset: Path) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "train",
+        "--config",
+        "tiny",
+        "--set",
+        f"run.root={root}",
+        "--set",
+        f"data.encode.qwen2vl={models.qwen2vl}",
+        "--set",
+        f"data.encode.flux={models.flux}",
+        "--set",
+        f"train.dataset={dataset}",
+        "--set",
+        "train.checkpoint_every_steps=2",
+        "--set",
+        "train.validate_every_steps=100",
+    ]
+    for position, steps in enumerate(STEPS, start=1):
+        command += ["--set", f"train.stages.{position}.num_steps={steps}"]
+        command += ["--set", f"train.stages.{position}.warmup_steps=1"]
+        command += ["--set", f"train.stages.{position}.decay_steps=1"]
+    return command
+
+
+def _start(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        cwd=Path(__file__).parents[2],
+    )
+
+
+def _losses(root: Path) -> dict[str, list[tuple[int, float]]]:
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("train")
+    runs = client.search_runs([experiment.experiment_id])
+    return {
+        run.data.tags["stage"]: [
+            (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")
+        ]
+        for run in runs
+        if "stage" in run.data.tags
+    }
+
+
+def _checkpoints(root: Path) -> int:
+    return len(list((root / "train" / "tiny-train").glob("checkpoint_*")))
+
+
+def test_sigkill_in_stage_two_then_rerun_matches_straight_run(
+    tmp_path, tiny_models_dir, tiny_data_run
+):
+    data_config, _ = tiny_data_run
+    dataset = Path(data_config.run.root) / "data"
+    straight = _start(_command(tmp_path / "straight", tiny_models_dir, dataset))
+    output, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, output[-3000:]
+
+    resumed_root = tmp_path / "resumed"
+    killed = _start(_command(resumed_root, tiny_models_dir, dataset))
+    deadline = time.monotonic() + 600
+    # Stage 1 checkpoints at steps 2 and 3; the third checkpoint is stage 2's step 2.
+    while _checkpoints(resumed_root) < 3 and killed.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.communicate(timeout=60)
+    assert killed.returncode != 0, "the run ended before the kill; nothing was resumed"
+
+    rerun = _start(_command(resumed_root, tiny_models_dir, dataset))
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, output[-3000:]
+
+    expected, got = _losses(tmp_path / "straight"), _losses(resumed_root)
+    assert [step for step, _ in got["stage1"]] == list(range(STEPS[0])), "stage 1 trained twice"
+    for stage in ("stage1", "stage2", "stage3"):
+        final = dict(got[stage])
+        assert sorted(final) == list(range(STEPS[int(stage[-1]) - 1]))
+        for step, value in expected[stage]:
+            assert abs(final[step] - value) <= 1e-6, (stage, step, final[step], value)
