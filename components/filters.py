@@ -111,9 +111,11 @@ class Rejection:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FilteredSample:
-    """A kept sample: image is RGB at exactly the bucket's size."""
+    """A kept sample: `normalised` is the RGB source image (orientation applied); `fitted()`
+    gives it at exactly the bucket's size (computed on demand: the chunk stage only needs the
+    geometry and hashes, the encoder does the resize)."""
 
-    image: Image.Image
+    normalised: Image.Image
     bucket: Bucket
     width_px: int
     """Width of the decoded source image after EXIF orientation (not the bucket's width)."""
@@ -123,6 +125,10 @@ class FilteredSample:
     """sha256 hex digest of the downloaded bytes, exactly as received."""
     phash: int
     """64-bit DCT perceptual hash of the normalised (unbucketed) image, in [0, 2**64)."""
+
+    def fitted(self) -> Image.Image:
+        """The image resized to cover the bucket and centre-cropped to its exact size."""
+        return fit_to_bucket(self.normalised, self.bucket)
 
 
 def _open_header(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -281,7 +287,7 @@ def filter_sample(
     """Check one sample: caption, scores, decode/bomb, size, aspect, crop, in that order.
 
     scores holds the optional source columns aesthetic_score, watermark_score, nsfw_score.
-    A kept sample is fitted to its nearest bucket and carries its sha256 and pHash for
+    A kept sample knows its nearest bucket and carries its sha256 and pHash for
     find_duplicates, which runs across samples afterwards.
     """
     rejection = _check_caption(caption, config) or _check_scores(scores, config)
@@ -296,7 +302,7 @@ def filter_sample(
     if isinstance(bucket, Rejection):
         return bucket
     return FilteredSample(
-        image=fit_to_bucket(image, bucket),
+        normalised=image,
         bucket=bucket,
         width_px=width_px,
         height_px=height_px,

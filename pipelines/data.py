@@ -12,27 +12,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components import shards
 from components.buckets import build_buckets, fit_to_bucket
-from components.download import download_chunk
-from components.filters import Rejection, filter_sample, find_duplicates, normalise_image
-from components.url_policy import check_url
+from components.filters import find_duplicates, normalise_image
 from pipelines.config import DataConfig, PipelineConfig
 from pipelines.config_loading import config_hash
+from pipelines.data_chunks import ChunkConfigs, process_chunk
 from pipelines.data_layout import (
     OUTCOME_SCHEMA,
-    SCORE_COLUMNS,
     DataLayout,
     read_url_list,
     table_sha256,
@@ -155,8 +150,9 @@ def _process_chunks(
     from tqdm import tqdm
 
     task = ray.remote(num_cpus=config.resources.cpus_per_chunk_task, max_retries=2)(process_chunk)
+    configs = ChunkConfigs(config.url_policy, config.download, config.filters, config.buckets)
     pending = [
-        task.remote(index, rows, layout_root=str(layout.root), config=config, base_url=base_url)
+        task.remote(index, rows, layout_root=str(layout.root), config=configs, base_url=base_url)
         for index, rows in enumerate(chunks)
         if not layout.chunk_outcome(index).exists()
     ]
@@ -167,119 +163,6 @@ def _process_chunks(
             done, pending = ray.wait(pending, num_returns=1)
             ray.get(done)
             progress.update(len(done))
-
-
-def process_chunk(
-    index: int, rows: list[dict[str, Any]], *, layout_root: str, config: DataConfig, base_url: str
-) -> int:
-    """Policy + download + filter + bucket one chunk; writes its outcome file atomically."""
-    layout = DataLayout(Path(layout_root))
-    outcomes, to_download = [], []
-    for row in rows:
-        url = _resolve_url(row["url"], base_url)
-        refusal = "duplicate_url" if row["duplicate_url"] else check_url(url, config.url_policy)
-        if refusal:
-            outcomes.append(_outcome(row, stage="policy", reason=refusal))
-        else:
-            to_download.append({**row, "url": url})
-    if to_download:
-        downloads = _download(index, to_download, layout=layout, config=config)
-        _check_source_alive(downloads, base_url)
-        by_key = {row["sample_key"]: row for row in rows}
-        for downloaded in downloads:
-            outcomes.append(_filter_row(by_key[downloaded["key"]], downloaded, config))
-    outcomes.sort(key=lambda outcome: outcome["sample_key"])
-    write_table_atomic(
-        pa.Table.from_pylist(outcomes, schema=OUTCOME_SCHEMA), layout.chunk_outcome(index)
-    )
-    return len(outcomes)
-
-
-_NETWORK_FAILURES = ("connection_refused", "timeout")
-
-
-class SourceGoneError(RuntimeError):
-    """The run's own served source stopped answering: the run is being torn down."""
-
-
-def _check_source_alive(downloads: list[dict[str, Any]], base_url: str) -> None:
-    """Refuse to record network failures against our own loopback source once it is gone.
-
-    When the driver dies its server dies with it, while a chunk task may still be finishing;
-    its "connection refused" rows describe the dying run, not the urls, and must not become
-    final outcomes that a rerun would skip.
-    """
-    failed_locally = any(
-        row["status"] in _NETWORK_FAILURES and row["url"].startswith(base_url)
-        for row in downloads
-    )
-    if not base_url or not failed_locally:
-        return
-    try:
-        with urllib.request.urlopen(base_url, timeout=5):
-            return
-    except urllib.error.HTTPError:
-        return
-    except OSError as error:
-        message = f"served source {base_url} is gone ({error}); chunk not recorded"
-        raise SourceGoneError(message) from error
-
-
-def _resolve_url(url: str, base_url: str) -> str:
-    """Relative urls in a served source resolve against the loopback server."""
-    return urljoin(base_url, url) if base_url and not urlsplit(url).scheme else url
-
-
-def _download(
-    index: int, rows: list[dict[str, Any]], *, layout: DataLayout, config: DataConfig
-) -> list[dict[str, Any]]:
-    request = [
-        {"key": row["sample_key"], "url": row["url"], "caption": row["caption"]}
-        | {name: row.get(name) for name in SCORE_COLUMNS if name in row}
-        for row in rows
-    ]
-    # The policy goes along too: urls were checked above, redirects are checked as they happen.
-    result = download_chunk(
-        request,
-        out_dir=layout.chunk_dir(index),
-        config=config.download,
-        url_policy=config.url_policy,
-    )
-    return pq.read_table(result.path).to_pylist()
-
-
-def _filter_row(row: dict[str, Any], downloaded: dict[str, Any], config: DataConfig) -> dict:
-    if downloaded["status"] != "success" or downloaded.get("image") is None:
-        detail = downloaded.get("error_message") or ""
-        return _outcome(row, stage="download", reason=downloaded["status"], detail=detail)
-    scores = {name: row.get(name) for name in SCORE_COLUMNS}
-    result = filter_sample(
-        downloaded["image"],
-        row["caption"],
-        scores=scores,
-        config=config.filters,
-        buckets=config.buckets,
-    )
-    if isinstance(result, Rejection):
-        return _outcome(row, stage="filter", reason=result.reason, detail=result.detail)
-    return _outcome(row, stage="filter", reason="kept") | {
-        "bucket_id": result.bucket.bucket_id,
-        "source_width_px": result.width_px,
-        "source_height_px": result.height_px,
-        "image_sha256": result.image_sha256,
-        "phash": result.phash,
-    }
-
-
-def _outcome(row: dict[str, Any], *, stage: str, reason: str, detail: str = "") -> dict:
-    return {
-        "sample_key": row["sample_key"],
-        "url": row["url"],
-        "caption": row["caption"],
-        "stage": stage,
-        "reason": reason,
-        "detail": detail[:500],
-    }
 
 
 def read_outcomes(layout: DataLayout, num_chunks: int) -> pa.Table:
@@ -373,9 +256,13 @@ class GroupEncoder:
     """
 
     def __init__(self, config: DataConfig):
+        import torch
+
         from components.encode import SampleEncoder
 
         self._config = config
+        # One intra-op thread per reserved CPU: an inherited OMP_NUM_THREADS would oversubscribe.
+        torch.set_num_threads(max(1, int(config.resources.cpus_per_encoder)))
         self._encoder = SampleEncoder(config.encode)
         self._buckets = {bucket.bucket_id: bucket for bucket in build_buckets(config.buckets)}
         self._layout_cache: dict[str, Any] = {}

@@ -5,7 +5,8 @@ import pyarrow as pa
 import pytest
 
 from components.loopback_server import LoopbackServer, closed_port_url
-from pipelines.data import SourceGoneError, _check_source_alive, _chunk_rows, _resolve_url
+from pipelines.data import _chunk_rows
+from pipelines.data_chunks import SourceGoneError, _check_source_alive, _resolve_url
 
 pytestmark = pytest.mark.unit
 

@@ -191,7 +191,8 @@ def test_kept_sample_is_bucketed_and_carries_hashes():
     result = _filter(data)
     assert isinstance(result, FilteredSample)
     assert result.bucket.bucket_id == "64x40"
-    assert result.image.size == (64, 40) and result.image.mode == "RGB"
+    fitted = result.fitted()
+    assert fitted.size == (64, 40) and fitted.mode == "RGB"
     assert (result.width_px, result.height_px) == (96, 54)
     assert result.image_sha256 == hashlib.sha256(data).hexdigest()
     assert 0 <= result.phash < 2**64

@@ -1,0 +1,147 @@
+"""The chunk stage of the data workflow: URL policy -> img2dataset -> filters -> buckets for one
+chunk of source rows, run as a Ray task.
+
+Kept light on purpose: a chunk task imports only what it uses (no torch model code), because
+every fresh Ray worker pays for its imports. `process_chunk` writes one outcome row per source
+row of its chunk ("kept" or the reason), atomically.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from components.buckets import BucketConfig
+from components.download import DownloadConfig, download_chunk
+from components.filters import FilterConfig, Rejection, filter_sample
+from components.url_policy import UrlPolicyConfig, check_url
+from pipelines.data_layout import OUTCOME_SCHEMA, SCORE_COLUMNS, DataLayout, write_table_atomic
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkConfigs:
+    """The configs a chunk task needs (not the whole DataConfig: that would import the encoder)."""
+
+    url_policy: UrlPolicyConfig
+    download: DownloadConfig
+    filters: FilterConfig
+    buckets: BucketConfig
+
+
+def process_chunk(
+    index: int, rows: list[dict[str, Any]], *, layout_root: str, config: ChunkConfigs, base_url: str
+) -> int:
+    """Policy + download + filter + bucket one chunk; writes its outcome file atomically."""
+    layout = DataLayout(Path(layout_root))
+    outcomes, to_download = [], []
+    for row in rows:
+        url = _resolve_url(row["url"], base_url)
+        refusal = "duplicate_url" if row["duplicate_url"] else check_url(url, config.url_policy)
+        if refusal:
+            outcomes.append(_outcome(row, stage="policy", reason=refusal))
+        else:
+            to_download.append({**row, "url": url})
+    if to_download:
+        downloads = _download(index, to_download, layout=layout, config=config)
+        _check_source_alive(downloads, base_url)
+        by_key = {row["sample_key"]: row for row in rows}
+        for downloaded in downloads:
+            outcomes.append(_filter_row(by_key[downloaded["key"]], downloaded, config))
+    outcomes.sort(key=lambda outcome: outcome["sample_key"])
+    write_table_atomic(
+        pa.Table.from_pylist(outcomes, schema=OUTCOME_SCHEMA), layout.chunk_outcome(index)
+    )
+    return len(outcomes)
+
+
+_NETWORK_FAILURES = ("connection_refused", "timeout")
+
+
+class SourceGoneError(RuntimeError):
+    """The run's own served source stopped answering: the run is being torn down."""
+
+
+def _check_source_alive(downloads: list[dict[str, Any]], base_url: str) -> None:
+    """Refuse to record network failures against our own loopback source once it is gone.
+
+    When the driver dies its server dies with it, while a chunk task may still be finishing;
+    its "connection refused" rows describe the dying run, not the urls, and must not become
+    final outcomes that a rerun would skip.
+    """
+    failed_locally = any(
+        row["status"] in _NETWORK_FAILURES and row["url"].startswith(base_url) for row in downloads
+    )
+    if not base_url or not failed_locally:
+        return
+    try:
+        with urllib.request.urlopen(base_url, timeout=5):
+            return
+    except urllib.error.HTTPError:
+        return
+    except OSError as error:
+        message = f"served source {base_url} is gone ({error}); chunk not recorded"
+        raise SourceGoneError(message) from error
+
+
+def _resolve_url(url: str, base_url: str) -> str:
+    """Relative urls in a served source resolve against the loopback server."""
+    return urljoin(base_url, url) if base_url and not urlsplit(url).scheme else url
+
+
+def _download(
+    index: int, rows: list[dict[str, Any]], *, layout: DataLayout, config: ChunkConfigs
+) -> list[dict[str, Any]]:
+    request = [
+        {"key": row["sample_key"], "url": row["url"], "caption": row["caption"]}
+        | {name: row.get(name) for name in SCORE_COLUMNS if name in row}
+        for row in rows
+    ]
+    # The policy goes along too: urls were checked above, redirects are checked as they happen.
+    result = download_chunk(
+        request,
+        out_dir=layout.chunk_dir(index),
+        config=config.download,
+        url_policy=config.url_policy,
+    )
+    return pq.read_table(result.path).to_pylist()
+
+
+def _filter_row(row: dict[str, Any], downloaded: dict[str, Any], config: ChunkConfigs) -> dict:
+    if downloaded["status"] != "success" or downloaded.get("image") is None:
+        detail = downloaded.get("error_message") or ""
+        return _outcome(row, stage="download", reason=downloaded["status"], detail=detail)
+    scores = {name: row.get(name) for name in SCORE_COLUMNS}
+    result = filter_sample(
+        downloaded["image"],
+        row["caption"],
+        scores=scores,
+        config=config.filters,
+        buckets=config.buckets,
+    )
+    if isinstance(result, Rejection):
+        return _outcome(row, stage="filter", reason=result.reason, detail=result.detail)
+    return _outcome(row, stage="filter", reason="kept") | {
+        "bucket_id": result.bucket.bucket_id,
+        "source_width_px": result.width_px,
+        "source_height_px": result.height_px,
+        "image_sha256": result.image_sha256,
+        "phash": result.phash,
+    }
+
+
+def _outcome(row: dict[str, Any], *, stage: str, reason: str, detail: str = "") -> dict:
+    return {
+        "sample_key": row["sample_key"],
+        "url": row["url"],
+        "caption": row["caption"],
+        "stage": stage,
+        "reason": reason,
+        "detail": detail[:500],
+    }
