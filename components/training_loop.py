@@ -216,7 +216,8 @@ class PackedLatents:
             shift_factor=convention.shift_factor,
         )
         height, width = latents.shape[-2:]
-        return cls(pack_latents(latents), latent_image_ids(height, width_latent=width))
+        image_ids_L3 = latent_image_ids(height, width_latent=width).to(latents.device)
+        return cls(pack_latents(latents), image_ids_L3)
 
 
 def flow_matching_step_loss(
@@ -236,9 +237,11 @@ def flow_matching_step_loss(
         drop_rate=objective.drop_rate,
         generator=generator,
     )
-    uses_caption = (conditioning.choice_B == CAPTION_ONLY) | (
-        conditioning.choice_B == IMAGE_AND_CAPTION
-    )
+    device = batch["vae_latent"].device
+    # Draws happen on the CPU generator (identical on any device), then move.
+    uses_caption = (
+        (conditioning.choice_B == CAPTION_ONLY) | (conditioning.choice_B == IMAGE_AND_CAPTION)
+    ).to(device)
     pooled_BP = torch.where(
         uses_caption[:, None], batch["clip_pooled"], convention.empty_pooled_P[None, :]
     )
@@ -251,12 +254,13 @@ def flow_matching_step_loss(
         logit_mean=objective.logit_mean,
         logit_std=objective.logit_std,
     )
-    noise_BLC = torch.randn(packed.data_BLC.shape, generator=generator)
+    sigmas_B = sigmas_B.to(device)
+    noise_BLC = torch.randn(packed.data_BLC.shape, generator=generator).to(device)
     flux_conditioning = FluxConditioning(
         hidden_BTD=model.connector(conditioning.hidden_BLD),
         mask_BT=conditioning.mask_BL,
         pooled_BP=pooled_BP,
-        guidance_B=torch.full((batch_size,), objective.guidance),
+        guidance_B=torch.full((batch_size,), objective.guidance, device=device),
     )
     return velocity_loss(
         model, packed, noise_BLC=noise_BLC, sigmas_B=sigmas_B, conditioning=flux_conditioning
@@ -373,17 +377,18 @@ def validation_losses(
         hidden_BLD, mask_BL = pad_tokens(image_tokens)
         packed = PackedLatents.from_raw(batch["vae_latent"], convention)
         batch_size, num_tokens = packed.data_BLC.shape[:2]
-        noise_BLC = torch.randn(packed.data_BLC.shape, generator=generator)
+        device = packed.data_BLC.device
+        noise_BLC = torch.randn(packed.data_BLC.shape, generator=generator).to(device)
         conditioning = FluxConditioning(
             hidden_BTD=model.connector(hidden_BLD),
             mask_BT=mask_BL,
             pooled_BP=convention.empty_pooled_P[None, :].expand(batch_size, -1),
-            guidance_B=torch.full((batch_size,), objective.guidance),
+            guidance_B=torch.full((batch_size,), objective.guidance, device=device),
         )
         mu = resolution_shift_mu(num_tokens)
         losses = {}
         for sigma in objective.validation_sigmas:
-            sigmas_B = fixed_sigmas([sigma], mu=mu).expand(batch_size)
+            sigmas_B = fixed_sigmas([sigma], mu=mu).expand(batch_size).to(device)
             losses[sigma] = float(
                 velocity_loss(
                     model,

@@ -137,7 +137,7 @@ class StageTracker:
         raw = batch["vae_latent"]
         height, width = raw.shape[-2:]
         generator = torch.Generator().manual_seed(GRID_SEED)
-        noise = pack_latents(torch.randn(raw.shape, generator=generator))
+        noise = pack_latents(torch.randn(raw.shape, generator=generator)).to(raw.device)
         with torch.no_grad():
             image_tokens, _ = condition_tokens(model, batch)
             hidden, mask = pad_tokens(image_tokens)
@@ -145,10 +145,13 @@ class StageTracker:
                 model.connector(hidden),
                 mask,
                 convention.empty_pooled_P[None, :].expand(raw.shape[0], -1),
-                torch.full((raw.shape[0],), self.config.train.objective.guidance),
+                torch.full(
+                    (raw.shape[0],), self.config.train.objective.guidance, device=raw.device
+                ),
             )
-            ids = latent_image_ids(height, width_latent=width)
+            ids = latent_image_ids(height, width_latent=width).to(raw.device)
             sigmas = flux_sigmas(GRID_SAMPLING_STEPS, mu=resolution_shift_mu(noise.shape[1]))
+            sigmas = sigmas.to(raw.device)
             velocity = lambda x, s: predict_velocity(  # noqa: E731
                 model.transformer, x, image_ids_L3=ids, sigmas_B=s, conditioning=conditioning
             )
@@ -176,7 +179,8 @@ class StageTracker:
                 required=(),
             )
             self._vae = AutoencoderKL.from_pretrained(flux.path, subfolder="vae").eval()
-        return self._vae.decode(latents.to(self._vae.dtype)).sample.float()
+            self._vae.to(latents.device)
+        return self._vae.decode(latents.to(self._vae.dtype)).sample.float().cpu()
 
 
 def _grid(images: torch.Tensor, *, columns: int) -> np.ndarray:

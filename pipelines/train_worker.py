@@ -29,6 +29,7 @@ from components.training_loop import (
     set_learning_rate,
     step_generator,
 )
+from model.flux_forward import set_gradient_checkpointing
 from model.flux_stages import block_prefix, select_trainable_blocks
 from pipelines.config import PipelineConfig
 from pipelines.config_loading import build
@@ -53,12 +54,21 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model, convention = build_model(config, dataset_root=Path(payload["dataset_root"]))
     model.to(device)
+    convention = dataclasses.replace(
+        convention, empty_pooled_P=convention.empty_pooled_P.to(device)
+    )
+    set_gradient_checkpointing(
+        model.transformer, enabled=config.train.resources.gradient_checkpointing
+    )
     state = load_train_state(ray.train.get_checkpoint(), model)
     index = BucketIndex.from_dataset(Path(payload["dataset_root"]))
     train_index, validation_refs = hold_out(index, config.train.num_validation_samples)
     tracker = StageTracker(config, parent_run_id=payload["parent_run_id"]) if rank == 0 else None
     worker = _Worker(config, model=model, convention=convention, rank=rank, world=world)
-    worker.validation_batch = load_micro_batch(validation_refs, reader=worker.reader)
+    worker.device = device
+    worker.validation_batch = to_device(
+        load_micro_batch(validation_refs, reader=worker.reader), device
+    )
     start_stage = state.stage_index if state else 0
     for stage_index in range(start_stage, len(config.train.stages)):
         resume = state if state and state.stage_index == stage_index else None
@@ -99,6 +109,7 @@ class _Worker:
         self.world = world
         self.reader = ShardReader()
         self.validation_batch: dict[str, Any] = {}
+        self.device = torch.device("cpu")
 
     def run_stage(self, stage_index: int, *, index, resume: TrainState | None, tracker) -> None:
         train = self.config.train
@@ -137,11 +148,14 @@ class _Worker:
         started = time.perf_counter()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         optimizer.zero_grad(set_to_none=False)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=self.device)
         num_samples = num_tokens = 0
         accumulation = self.config.train.accumulation_steps
         for micro in range(accumulation):
-            batch = load_micro_batch(plan.micro_batch(self.rank, micro), reader=self.reader)
+            batch = to_device(
+                load_micro_batch(plan.micro_batch(self.rank, micro), reader=self.reader),
+                self.device,
+            )
             generator = step_generator(
                 seed=self.config.run.seed,
                 stage_index=stage_index,
@@ -215,6 +229,21 @@ class _Worker:
                     tracker.log_checkpoint(Path(folder), stage_name)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(reported, checkpoint=checkpoint)
+
+
+def autocast(mixed_precision: str, device: torch.device):
+    """bf16 autocast on GPU for "auto", wherever asked for "bf16"; plain fp32 otherwise.
+    Master weights, gradients and AdamW states stay fp32 either way."""
+    enabled = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors of a collated batch on `device` (lists and strings stay)."""
+    return {
+        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
+    }
 
 
 def configure_stage(
