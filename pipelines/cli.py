@@ -3,7 +3,7 @@
     qwenflux tiny-models --out DIR [--seed N]      build the tiny random checkpoints
     qwenflux data --config PRESET [--set k=v]      run or resume the data pipeline
     qwenflux train --config PRESET [--set k=v]     run or resume the three-stage fine-tune
-    qwenflux demo [--config tiny] [--set k=v]      tiny models + the whole embedded pipeline
+    qwenflux demo [--config tiny] [--set k=v]      tiny models, then data and training
     qwenflux show-config --config PRESET           the resolved config, after overrides
     qwenflux plan [--config a100x8] [--gpus N]     real-scale memory, FLOPs and days per stage
 
@@ -138,8 +138,12 @@ def _demo(config) -> int:
         raise ConfigError("demo builds tiny models: data.encode.qwen2vl and .flux need one parent")
     _tiny_models(qwen_dir.parent, config.run.seed)
     _data(config)
-    print(f"\nrun directory: {Path(config.run.root).resolve()}")
-    print(f"shards:        {Path(config.run.root, 'data', 'shards').resolve()}")
+    _train(config)
+    root = Path(config.run.root).resolve()
+    print(f"\nrun directory: {root}")
+    print(f"shards:        {root / 'data' / 'shards'}")
+    print(f"checkpoints:   {root / 'train'}")
+    print(f"MLflow UI:     mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}")
     return 0
 
 
