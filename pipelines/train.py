@@ -53,7 +53,7 @@ def run_training(config: PipelineConfig):
 
     config = with_absolute_paths(config)
     root = dataset_root(config)
-    manifest = shards.read_manifest(root)
+    manifest = preflight(config, root)
     run_name = f"{config.run.name}-train"
     parent_run_id = _parent_run(config, manifest, run_name=run_name)
     resources = config.train.resources
@@ -85,6 +85,37 @@ def run_training(config: PipelineConfig):
     if result.error is not None:
         raise result.error
     return result
+
+
+class DatasetModelMismatchError(ValueError):
+    """The dataset was encoded by a different Qwen2-VL than the one training would replay."""
+
+
+def preflight(config: PipelineConfig, root: Path) -> dict:
+    """Check everything a worker would trip over, before any run, folder or MLflow entry is
+    made: the manifest and every shard (format, counts), both checkpoints, and that the data
+    was encoded by the Qwen2-VL whose last layer training replays. Returns the manifest."""
+    from components.encode import resolve_checkpoint
+    from components.loader import BucketIndex
+
+    manifest = shards.read_manifest(root)
+    BucketIndex.from_dataset(root)
+    encode = config.data.encode
+    resolve_checkpoint(
+        encode.flux, revision=encode.flux_revision, root_file="model_index.json", required=()
+    )
+    qwen = resolve_checkpoint(
+        encode.qwen2vl, revision=encode.qwen2vl_revision, root_file="config.json", required=()
+    )
+    encoded_with = manifest.get("encoders", {}).get("qwen2vl_revision")
+    if encoded_with != qwen.revision_id:
+        raise DatasetModelMismatchError(
+            f"{root / shards.MANIFEST_NAME}: shards were encoded by Qwen2-VL revision "
+            f"{encoded_with}, but training would replay the last layer of {encode.qwen2vl} "
+            f"(revision {qwen.revision_id}); re-encode the data or point data.encode.qwen2vl "
+            "at the checkpoint that encoded it"
+        )
+    return manifest
 
 
 def _parent_run(config: PipelineConfig, manifest: dict, *, run_name: str) -> str:
