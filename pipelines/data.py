@@ -265,7 +265,6 @@ class GroupEncoder:
         torch.set_num_threads(max(1, int(config.resources.cpus_per_encoder)))
         self._encoder = SampleEncoder(config.encode)
         self._buckets = {bucket.bucket_id: bucket for bucket in build_buckets(config.buckets)}
-        self._layout_cache: dict[str, Any] = {}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         paths, counts = [], []

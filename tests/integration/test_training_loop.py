@@ -82,7 +82,7 @@ def test_loss_is_deterministic_and_can_be_driven_down(setup):
         loss = _loss(config, model, convention, batch, 0)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     print(f"fixed batch, fixed draws: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert losses[-1] < 0.9 * losses[0]
 
