@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -73,22 +74,38 @@ def _checkpoints(root: Path) -> int:
     return len(list((root / "train" / "tiny-train").glob("checkpoint_*")))
 
 
-def test_sigkill_in_stage_two_then_rerun_matches_straight_run(
-    tmp_path, tiny_models_dir, tiny_data_run
-):
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_models_dir, tiny_data_run):
     data_config, _ = tiny_data_run
     dataset = Path(data_config.run.root) / "data"
-    straight = _start(_command(tmp_path / "straight", tiny_models_dir, dataset))
-    output, _ = straight.communicate(timeout=600)
-    assert straight.returncode == 0, output[-3000:]
+    root = tmp_path_factory.mktemp("straight")
+    process = _start(_command(root, tiny_models_dir, dataset))
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    return dataset, _losses(root)
 
-    resumed_root = tmp_path / "resumed"
-    killed = _start(_command(resumed_root, tiny_models_dir, dataset))
+
+def _wait_for_checkpoints(root: Path, process: subprocess.Popen, count: int) -> None:
     deadline = time.monotonic() + 600
-    # Stage 1 checkpoints at steps 2 and 3; the third checkpoint is stage 2's step 2.
-    while _checkpoints(resumed_root) < 3 and killed.poll() is None:
+    while _checkpoints(root) < count and process.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+def _assert_same_losses(got, expected) -> None:
+    for stage in ("stage1", "stage2", "stage3"):
+        final = dict(got[stage])
+        assert sorted(final) == list(range(STEPS[int(stage[-1]) - 1]))
+        for step, value in expected[stage]:
+            assert abs(final[step] - value) <= 1e-6, (stage, step, final[step], value)
+
+
+def test_sigkill_in_stage_two_then_rerun_matches_straight_run(tmp_path, tiny_models_dir, straight):
+    dataset, expected = straight
+    resumed_root = tmp_path / "resumed"
+    killed = _start(_command(resumed_root, tiny_models_dir, dataset))
+    # Stage 1 checkpoints at steps 2 and 3; the third checkpoint is stage 2's step 2.
+    _wait_for_checkpoints(resumed_root, killed, 3)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.communicate(timeout=60)
     assert killed.returncode != 0, "the run ended before the kill; nothing was resumed"
@@ -96,11 +113,26 @@ def test_sigkill_in_stage_two_then_rerun_matches_straight_run(
     rerun = _start(_command(resumed_root, tiny_models_dir, dataset))
     output, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, output[-3000:]
-
-    expected, got = _losses(tmp_path / "straight"), _losses(resumed_root)
+    got = _losses(resumed_root)
     assert [step for step, _ in got["stage1"]] == list(range(STEPS[0])), "stage 1 trained twice"
-    for stage in ("stage1", "stage2", "stage3"):
-        final = dict(got[stage])
-        assert sorted(final) == list(range(STEPS[int(stage[-1]) - 1]))
-        for step, value in expected[stage]:
-            assert abs(final[step] - value) <= 1e-6, (stage, step, final[step], value)
+    _assert_same_losses(got, expected)
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path, tiny_models_dir, straight):
+    dataset, expected = straight
+    root = tmp_path / "worker-killed"
+    run = _start(_command(root, tiny_models_dir, dataset))
+    _wait_for_checkpoints(root, run, 3)
+    workers = [
+        child
+        for child in psutil.Process(run.pid).children(recursive=True)
+        if "RayTrainWorker" in " ".join(child.cmdline())
+    ]
+    assert len(workers) == 2, "expected the two Ray Train worker processes"
+    workers[1].kill()
+    output, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, output[-3000:]
+    got = _losses(root)
+    restarted = any(len(got[stage]) > len(dict(got[stage])) for stage in got)
+    print(f"worker {workers[1].pid} killed; steps redone after restart: {restarted}")
+    _assert_same_losses(got, expected)
