@@ -14,26 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from pipelines.config_loading import ConfigError, to_plain
-
-# Environment every command runs with: no telemetry, nothing fetched from a hub at run time.
-_QUIET_ENV = {
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "HF_HUB_OFFLINE": "1",
-    "WANDB_MODE": "disabled",
-    "WANDB_SILENT": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "DIFFUSERS_VERBOSITY": "error",
-}
+from pipelines.environment import apply_quiet_environment
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,8 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `qwenflux` console script."""
-    for key, value in _QUIET_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_quiet_environment()
     args = _parser().parse_args(argv)
     try:
         if args.command == "tiny-models":

@@ -1,22 +1,13 @@
 """Shared pytest fixtures: tiny checkpoints, a local Ray cluster, a tiny encoded dataset."""
 
-import os
 from pathlib import Path
 
 import pytest
 
 from components.tiny_models import TinyModelPaths, build_tiny_models
+from pipelines.environment import apply_quiet_environment
 
-for _key, _value in {
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "HF_HUB_OFFLINE": "1",
-    "WANDB_MODE": "disabled",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
+apply_quiet_environment()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

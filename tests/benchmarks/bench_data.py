@@ -31,17 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.environment import QUIET_ENV
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RUN_ENV = {
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "HF_HUB_OFFLINE": "1",
-    "WANDB_MODE": "disabled",
-    "WANDB_SILENT": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+RUN_ENV = QUIET_ENV
 MAX_RAY_TEMP_CHARS = 44
 DOWNLOAD_TARGET = 0.85
 ENCODE_TARGET = 1.6
