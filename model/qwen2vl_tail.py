@@ -32,6 +32,16 @@ class PromptBatch:
     pixel_values_PC: torch.Tensor | None = None
     image_grid_thw_N3: torch.Tensor | None = None
 
+    def model_inputs(self) -> dict[str, torch.Tensor | None]:
+        """The batch as Qwen2VLModel's keyword arguments."""
+        return {
+            "input_ids": self.input_ids_BL,
+            "attention_mask": self.attention_mask_BL,
+            "pixel_values": self.pixel_values_PC,
+            "image_grid_thw": self.image_grid_thw_N3,
+            "mm_token_type_ids": self.mm_token_type_ids_BL,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class PrefixOutput:
@@ -76,12 +86,8 @@ def run_prefix(model: Qwen2VLModel, batch: PromptBatch) -> PrefixOutput:
     position_ids_3BL = multimodal_position_ids(model, batch)
     prefix_only = is_prefix_only(model)
     outputs = model(
-        input_ids=batch.input_ids_BL,
-        attention_mask=batch.attention_mask_BL,
+        **batch.model_inputs(),
         position_ids=position_ids_3BL,
-        pixel_values=batch.pixel_values_PC,
-        image_grid_thw=batch.image_grid_thw_N3,
-        mm_token_type_ids=batch.mm_token_type_ids_BL,
         use_cache=False,
         output_hidden_states=None if prefix_only else [-2],
     )

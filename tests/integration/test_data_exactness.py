@@ -53,11 +53,7 @@ def test_stored_prefix_replays_to_the_full_model(stored):
     with torch.no_grad():
         replayed = Qwen2VLTail.from_model(full)(hidden_BLD, positions_3BL, mask_BL)
         reference = full(
-            input_ids=batch.input_ids_BL,
-            attention_mask=batch.attention_mask_BL,
-            pixel_values=batch.pixel_values_PC,
-            image_grid_thw=batch.image_grid_thw_N3,
-            mm_token_type_ids=batch.mm_token_type_ids_BL,
+            **batch.model_inputs(),
             output_hidden_states=True,
         ).hidden_states[-1]
     lengths = {int(s["image_prompt_attention_mask"].sum()) for s in samples}

@@ -65,11 +65,7 @@ def _image_batch(*, padding_side: str) -> PromptBatch:
 def _full_run(model: torch.nn.Module, batch: PromptBatch):
     with torch.no_grad():
         return model(
-            input_ids=batch.input_ids_BL,
-            attention_mask=batch.attention_mask_BL,
-            pixel_values=batch.pixel_values_PC,
-            image_grid_thw=batch.image_grid_thw_N3,
-            mm_token_type_ids=batch.mm_token_type_ids_BL,
+            **batch.model_inputs(),
             output_hidden_states=True,
         )
 
