@@ -37,6 +37,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	mkdir -p .tmp
 	$(RUN_ENV) TMPDIR=$(CURDIR)/.tmp $(PY) tests/benchmarks/bench_data.py
+	$(RUN_ENV) TMPDIR=$(CURDIR)/.tmp $(PY) tests/benchmarks/bench_train.py --block-smoke
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipelines components model tests

@@ -39,10 +39,13 @@ from model.flow_matching import (
     resolution_shift_mu,
     sample_sigmas,
     scale_latents,
+    unpack_latents,
+    unscale_latents,
     velocity_target,
 )
 from model.flux_forward import FluxConditioning, predict_velocity
 from model.qwen2vl_tail import Qwen2VLTail
+from model.sampling import euler_sample, flux_sigmas
 from model.schedule import trapezoid_factor
 
 
@@ -399,3 +402,43 @@ def validation_losses(
                 )
             )
     return losses
+
+
+GRID_SAMPLING_STEPS = 8
+GRID_SEED = 7
+
+
+def validation_samples(
+    model: QwenFluxModel,
+    batch: dict[str, Any],
+    *,
+    objective: ObjectiveConfig,
+    convention: LatentConvention,
+) -> torch.Tensor:
+    """Fixed-seed generations from the held-out references (image-only conditioning), as raw
+    VAE latents shaped like batch["vae_latent"]: FLUX's Euler sampler, GRID_SAMPLING_STEPS."""
+    raw = batch["vae_latent"]
+    height, width = raw.shape[-2:]
+    generator = torch.Generator().manual_seed(GRID_SEED)
+    noise = pack_latents(torch.randn(raw.shape, generator=generator)).to(raw.device)
+    with torch.no_grad():
+        image_tokens, _ = condition_tokens(model, batch)
+        hidden, mask = pad_tokens(image_tokens)
+        conditioning = FluxConditioning(
+            model.connector(hidden),
+            mask,
+            convention.empty_pooled_P[None, :].expand(raw.shape[0], -1),
+            torch.full((raw.shape[0],), objective.guidance, device=raw.device),
+        )
+        ids = latent_image_ids(height, width_latent=width).to(raw.device)
+        sigmas = flux_sigmas(GRID_SAMPLING_STEPS, mu=resolution_shift_mu(noise.shape[1]))
+        velocity = lambda x, s: predict_velocity(  # noqa: E731
+            model.transformer, x, image_ids_L3=ids, sigmas_B=s, conditioning=conditioning
+        )
+        packed = euler_sample(velocity, noise, sigmas_N1=sigmas.to(raw.device))
+        generated = unpack_latents(packed, height=height, width=width)
+        return unscale_latents(
+            generated.float(),
+            scaling_factor=convention.scaling_factor,
+            shift_factor=convention.shift_factor,
+        )

@@ -5,13 +5,16 @@ shapes from the public configs on the meta device. Inputs: a FluxShape, an Encod
 TrainingSetup and one stage's trainable FLUX block indices (0..56). Output: a StagePlan.
 
 Precision policy (what the trainer does; every figure below assumes it):
-- frozen FLUX weights are stored in bf16 (2 B/param);
+- frozen FLUX weights stay fp32 as loaded (4 B/param): a block frozen now trains in a later
+  stage, and FSDP2 cannot change a sharded unit's dtype between stages (bf16 storage of blocks
+  no stage trains would save 12 of 57 blocks' worth; not done);
 - trainable weights (FLUX blocks of the stage, connector, Qwen2-VL's last layer + final norm) are
   fp32 masters (4 B) with fp32 grads (4 B) and fp32 AdamW exp_avg + exp_avg_sq (8 B): 16 B/param;
 - compute is bf16: DDP through autocast (which caches a bf16 copy of each trainable weight,
   2 B/param), FSDP2 through MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32);
-- FSDP2 wraps every FLUX block, the Qwen2-VL layer and the connector as one unit each (a unit is
-  all-frozen or all-trainable, so each all-gather has one dtype) and shards everything over N;
+- FSDP2 wraps every FLUX block, the Qwen2-VL layer and the connector as one unit each, and the
+  transformer's embedders + output head as one more, and shards everything over N
+  (components/sharding.py);
 - the VAE, CLIP and Qwen2-VL layers 0..26 are not on training GPUs (the data pipeline caches them).
 
 Activations, with gradient checkpointing per block (B micro-batch, L = image + text tokens, D FLUX
@@ -322,7 +325,7 @@ def ddp_memory(
     frozen = flux.num_params - trainable_flux
     return MemoryEstimate(
         strategy="ddp",
-        weights=frozen * BF16_BYTES + trainable * FP32_BYTES,
+        weights=(frozen + trainable) * FP32_BYTES,
         grads=trainable * FP32_BYTES,
         optimizer=trainable * 2 * FP32_BYTES,
         activations=activations,
@@ -364,7 +367,7 @@ def fsdp_memory(
     )
     return MemoryEstimate(
         strategy="fsdp",
-        weights=(frozen * BF16_BYTES + trainable * FP32_BYTES) / shards,
+        weights=(frozen + trainable) * FP32_BYTES / shards,
         grads=trainable * FP32_BYTES / shards,
         optimizer=trainable * 2 * FP32_BYTES / shards,
         activations=activations,

@@ -132,7 +132,8 @@ class TrainResourcesConfig:
     gpus_per_worker: float = 0.0
     """GPUs per worker (0 = CPU training)."""
     strategy: str = "ddp"
-    """Parallelism: "ddp" (every worker holds the model; gradients averaged)."""
+    """Parallelism: "ddp" (every worker holds the whole model; gradients all-reduced) or
+    "fsdp" (FSDP2 per FLUX block: weights, gradients and AdamW states sharded over workers)."""
     mixed_precision: str = "auto"
     """"auto" = bf16 autocast on GPU, fp32 on CPU; or "bf16" / "fp32"."""
     gradient_checkpointing: bool = False
@@ -141,10 +142,8 @@ class TrainResourcesConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise ValueError("num_workers >= 1, cpus_per_worker > 0, gpus_per_worker >= 0")
-        if self.strategy != "ddp":
-            raise ValueError(
-                f"strategy {self.strategy!r}: only 'ddp' is implemented so far (fsdp: issue 3)"
-            )
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy {self.strategy!r}: must be 'ddp' or 'fsdp'")
         if self.mixed_precision not in ("auto", "bf16", "fp32"):
             raise ValueError("mixed_precision must be auto, bf16 or fp32")
 

@@ -118,10 +118,10 @@ def flux_shape(transformer: FluxTransformer2DModel) -> FluxShape:
         hidden_size=width,
         num_double_blocks=len(transformer.transformer_blocks),
         num_single_blocks=len(transformer.single_transformer_blocks),
-        double_block=_block_shape(
+        double_block=block_shape(
             transformer.transformer_blocks[0], flux_double_saved_values(width), is_double=True
         ),
-        single_block=_block_shape(
+        single_block=block_shape(
             transformer.single_transformer_blocks[0],
             flux_single_saved_values(width),
             is_double=False,
@@ -214,7 +214,8 @@ def _count(module: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-def _block_shape(block: torch.nn.Module, saved: int, *, is_double: bool) -> BlockShape:
+def block_shape(block: torch.nn.Module, saved: int, *, is_double: bool) -> BlockShape:
+    """Parameters of one FLUX block split by the tokens they run on (per-sample adaLN left out)."""
     image, text = 0, 0
     for name, parameter in block.named_parameters():
         if name.startswith(_PER_SAMPLE_PREFIXES):

@@ -3,8 +3,9 @@
 Model: FLUX transformer from the diffusers-layout checkpoint, Qwen2-VL's last layer + norm read
 alone from its sharded checkpoint, a fresh connector (seeded). Checkpoint folder (one per Ray
 Train checkpoint): `weights.safetensors` (every parameter any stage so far trained, by name),
-`optimizer.pt` (the current stage's AdamW state, loaded with weights_only=True) and
-`state.json` (stage index, next step, guard state).
+`optimizer.pt` (the current stage's AdamW state keyed by parameter name, loaded with
+weights_only=True) and `state.json` (format, stage index, next step, guard state). The same
+folder serves DDP and FSDP runs (components/sharding.py gathers and scatters the tensors).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from components import shards
 from components.encode import resolve_checkpoint
+from components.sharding import load_parameters
 from components.tail_checkpoint import load_qwen2vl_tail
 from components.training_loop import LatentConvention, QwenFluxModel
 from model.conditioning import Connector
@@ -26,6 +28,9 @@ from model.conditioning import Connector
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
+CHECKPOINT_FORMAT = 2
+"""2: the optimizer state is keyed by parameter name (torch.distributed.checkpoint's full
+state dict), so DDP and FSDP runs write and read the same checkpoints."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,18 +83,12 @@ def empty_prompt_pooled(flux_root: Path) -> torch.Tensor:
         return encoder(input_ids=tokens.input_ids).pooler_output[0].float()
 
 
-def save_train_state(
-    folder: Path, model: QwenFluxModel, state: TrainState, *, touched: tuple[str, ...]
-) -> None:
-    """Write a checkpoint folder (see the module docstring)."""
-    weights = {
-        name: param.detach().cpu().contiguous()
-        for name, param in model.named_parameters()
-        if name.startswith(touched)
-    }
+def save_train_state(folder: Path, *, weights: dict[str, torch.Tensor], state: TrainState) -> None:
+    """Write a checkpoint folder (see the module docstring) from gathered full tensors."""
     save_file(weights, str(folder / WEIGHTS_FILE))
     torch.save(state.optimizer_state, folder / OPTIMIZER_FILE)
     payload = {
+        "format": CHECKPOINT_FORMAT,
         "stage_index": state.stage_index,
         "next_step": state.next_step,
         "guard": state.guard_state,
@@ -98,7 +97,8 @@ def save_train_state(
 
 
 def load_train_state(checkpoint, model: QwenFluxModel) -> TrainState | None:
-    """Restore weights into `model` and return the state, or None without a checkpoint."""
+    """Restore weights into `model` (sharded or not) and return the state, or None without a
+    checkpoint. Every worker calls it."""
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
@@ -106,16 +106,14 @@ def load_train_state(checkpoint, model: QwenFluxModel) -> TrainState | None:
         for name in (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE):
             if not (folder / name).exists():
                 raise FileNotFoundError(f"checkpoint {folder} lacks {name}")
-        weights = load_file(str(folder / WEIGHTS_FILE))
-        parameters = dict(model.named_parameters())
-        unknown = sorted(set(weights) - set(parameters))
-        if unknown:
-            raise KeyError(f"checkpoint {folder}: unknown parameters {unknown[:3]}")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                parameters[name].copy_(tensor)
-        optimizer_state = torch.load(folder / OPTIMIZER_FILE, weights_only=True)
         payload = json.loads((folder / STATE_FILE).read_text())
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"checkpoint {folder} has format {payload.get('format')!r}; this trainer reads "
+                f"format {CHECKPOINT_FORMAT} (start a new run.root or train.storage_path)"
+            )
+        load_parameters(model, load_file(str(folder / WEIGHTS_FILE)), source=f"checkpoint {folder}")
+        optimizer_state = torch.load(folder / OPTIMIZER_FILE, weights_only=True)
     return TrainState(
         payload["stage_index"], payload["next_step"], optimizer_state, payload["guard"]
     )

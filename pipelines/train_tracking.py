@@ -10,23 +10,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-
-from model.flow_matching import (
-    latent_image_ids,
-    pack_latents,
-    resolution_shift_mu,
-    unpack_latents,
-    unscale_latents,
-)
-from model.flux_forward import FluxConditioning, predict_velocity
-from model.sampling import euler_sample, flux_sigmas
-
-GRID_SAMPLING_STEPS = 8
-GRID_SEED = 7
 
 
 def tracking_uri(config) -> str:
@@ -104,16 +90,18 @@ class StageTracker:
         )
         self._progress.refresh()
 
-    def log_validation(self, step: int, model, batch: dict[str, Any], convention) -> None:
-        from components.training_loop import validation_losses
-
-        losses = validation_losses(
-            model, batch, objective=self.config.train.objective, convention=convention
-        )
+    def log_validation(
+        self, step: int, losses: dict[float, float], generated_raw: torch.Tensor, batch
+    ) -> None:
+        """Validation losses at the fixed sigmas, and the image grid: row 1 the fixed-seed
+        generations (components.training_loop.validation_samples), row 2 the references."""
         metrics = {f"validation_loss_sigma_{sigma:g}": value for sigma, value in losses.items()}
         metrics["validation_loss"] = sum(losses.values()) / len(losses)
         self.client.log_batch(self.run_id, metrics=_metrics(metrics, step))
-        grid = self._image_grid(model, batch, convention)
+        reference = batch["vae_latent"]
+        with torch.no_grad():
+            images = self._decode(torch.cat([generated_raw.to(reference), reference]))
+        grid = _grid(images, columns=reference.shape[0])
         self.client.log_image(self.run_id, grid, artifact_file=f"grids/step_{step:06d}.png")
 
     def log_checkpoint(self, folder: Path, stage_name: str) -> None:
@@ -127,43 +115,6 @@ class StageTracker:
     def _close_stage_run(self) -> None:
         if self.run_id:
             self.client.set_terminated(self.run_id, status="FINISHED")
-
-    def _image_grid(self, model, batch: dict[str, Any], convention) -> np.ndarray:
-        """Fixed-seed generations from the held-out references (image-only), side by side
-        with the references decoded from their latents: row 1 generated, row 2 reference."""
-        from components.training_loop import condition_tokens
-        from model.conditioning import pad_tokens
-
-        raw = batch["vae_latent"]
-        height, width = raw.shape[-2:]
-        generator = torch.Generator().manual_seed(GRID_SEED)
-        noise = pack_latents(torch.randn(raw.shape, generator=generator)).to(raw.device)
-        with torch.no_grad():
-            image_tokens, _ = condition_tokens(model, batch)
-            hidden, mask = pad_tokens(image_tokens)
-            conditioning = FluxConditioning(
-                model.connector(hidden),
-                mask,
-                convention.empty_pooled_P[None, :].expand(raw.shape[0], -1),
-                torch.full(
-                    (raw.shape[0],), self.config.train.objective.guidance, device=raw.device
-                ),
-            )
-            ids = latent_image_ids(height, width_latent=width).to(raw.device)
-            sigmas = flux_sigmas(GRID_SAMPLING_STEPS, mu=resolution_shift_mu(noise.shape[1]))
-            sigmas = sigmas.to(raw.device)
-            velocity = lambda x, s: predict_velocity(  # noqa: E731
-                model.transformer, x, image_ids_L3=ids, sigmas_B=s, conditioning=conditioning
-            )
-            packed = euler_sample(velocity, noise, sigmas_N1=sigmas)
-            generated = unpack_latents(packed, height=height, width=width)
-            generated = unscale_latents(
-                generated,
-                scaling_factor=convention.scaling_factor,
-                shift_factor=convention.shift_factor,
-            )
-            images = self._decode(torch.cat([generated, raw]))
-        return _grid(images, columns=raw.shape[0])
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self._vae is None:

@@ -20,6 +20,16 @@ from typing import Any
 import torch
 
 from components.loader import BucketIndex, LoaderConfig, ShardReader, load_micro_batch, plan_steps
+from components.sharding import (
+    full_tensor,
+    gather_optimizer_state,
+    gather_parameters,
+    is_sharded,
+    load_optimizer_state,
+    reshard,
+    set_gradient_sync,
+    shard_model,
+)
 from components.training_loop import (
     QwenFluxModel,
     StageConfig,
@@ -28,6 +38,8 @@ from components.training_loop import (
     flow_matching_step_loss,
     set_learning_rate,
     step_generator,
+    validation_losses,
+    validation_samples,
 )
 from model.flux_forward import set_gradient_checkpointing
 from model.flux_stages import block_prefix, select_trainable_blocks
@@ -53,13 +65,15 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, math.floor(config.train.resources.cpus_per_worker)))
     device = ray.train.torch.get_device()
     model, convention = build_model(config, dataset_root=Path(payload["dataset_root"]))
-    model.to(device)
+    resources = config.train.resources
+    if resources.strategy == "fsdp":
+        shard_model(model, device=device, compute_bf16=compute_bf16(resources, device))
+    else:
+        model.to(device)
     convention = dataclasses.replace(
         convention, empty_pooled_P=convention.empty_pooled_P.to(device)
     )
-    set_gradient_checkpointing(
-        model.transformer, enabled=config.train.resources.gradient_checkpointing
-    )
+    set_gradient_checkpointing(model.transformer, enabled=resources.gradient_checkpointing)
     state = load_train_state(ray.train.get_checkpoint(), model)
     index = BucketIndex.from_dataset(Path(payload["dataset_root"]))
     train_index, validation_refs = hold_out(index, config.train.num_validation_samples)
@@ -118,7 +132,7 @@ class _Worker:
         optimizer = build_optimizer(parameters, train.optimizer)
         guard = StepGuard(train.guard)
         if resume is not None:
-            optimizer.load_state_dict(resume.optimizer_state)
+            load_optimizer_state(self.model, optimizer, resume.optimizer_state)
             guard.load_state_dict(resume.guard_state)
         start_step = resume.next_step if resume else 0
         loader = LoaderConfig(
@@ -139,10 +153,8 @@ class _Worker:
             if finished or (plan.step + 1) % train.validate_every_steps == 0:
                 self.validate(tracker, step=plan.step)
             if finished or (plan.step + 1) % train.checkpoint_every_steps == 0:
-                state = TrainState(
-                    stage_index, plan.step + 1, optimizer.state_dict(), guard.state_dict()
-                )
-                self.report(state, metrics, tracker=tracker, stage_done=finished)
+                state = TrainState(stage_index, plan.step + 1, {}, guard.state_dict())
+                self.report(state, optimizer, metrics, tracker=tracker, stage_done=finished)
 
     def run_step(self, plan, *, stage_index: int, optimizer, guard: StepGuard) -> dict[str, float]:
         started = time.perf_counter()
@@ -152,6 +164,7 @@ class _Worker:
         num_samples = num_tokens = 0
         accumulation = self.config.train.accumulation_steps
         for micro in range(accumulation):
+            set_gradient_sync(self.model, enabled=micro == accumulation - 1)
             batch = to_device(
                 load_micro_batch(plan.micro_batch(self.rank, micro), reader=self.reader),
                 self.device,
@@ -163,20 +176,26 @@ class _Worker:
                 rank=self.rank,
                 micro=micro,
             )
-            loss = flow_matching_step_loss(
-                self.model,
-                batch,
-                objective=self.config.train.objective,
-                convention=self.convention,
-                generator=generator,
-            )
+            with self.autocast():
+                loss = flow_matching_step_loss(
+                    self.model,
+                    batch,
+                    objective=self.config.train.objective,
+                    convention=self.convention,
+                    generator=generator,
+                )
             (loss / accumulation).backward()
             loss_sum += loss.detach() / accumulation
             num_samples += batch["vae_latent"].shape[0]
             num_tokens += _tokens(batch)
-        self._average([*(p.grad for p in params), loss_sum])
+        # FSDP has reduce-scattered (averaged) the gradients in backward; DDP averages here.
+        self._average(
+            [loss_sum] if is_sharded(self.model) else [*(p.grad for p in params), loss_sum]
+        )
         grad_norm = float(
-            torch.nn.utils.clip_grad_norm_(params, self.config.train.optimizer.max_grad_norm)
+            full_tensor(
+                torch.nn.utils.clip_grad_norm_(params, self.config.train.optimizer.max_grad_norm)
+            )
         )
         verdict = guard.judge(float(loss_sum), grad_norm)
         stage = self.config.train.stages[stage_index]
@@ -211,31 +230,53 @@ class _Worker:
             offset += tensor.numel()
 
     def validate(self, tracker, *, step: int) -> None:
-        if tracker is None:
+        """Rank 0 computes and logs; under FSDP every worker takes part in the forwards."""
+        if tracker is None and not is_sharded(self.model):
             return
-        tracker.log_validation(step, self.model, self.validation_batch, self.convention)
+        objective, batch = self.config.train.objective, self.validation_batch
+        with self.autocast():
+            losses = validation_losses(
+                self.model, batch, objective=objective, convention=self.convention
+            )
+            generated = validation_samples(
+                self.model, batch, objective=objective, convention=self.convention
+            )
+        reshard(self.model)
+        if tracker is not None:
+            tracker.log_validation(step, losses, generated, batch)
 
-    def report(self, state: TrainState, metrics, *, tracker, stage_done: bool) -> None:
+    def autocast(self):
+        return torch.autocast(
+            device_type=self.device.type,
+            dtype=torch.bfloat16,
+            enabled=compute_bf16(self.config.train.resources, self.device),
+        )
+
+    def report(self, state: TrainState, optimizer, metrics, *, tracker, stage_done: bool) -> None:
+        """Checkpoint through Ray Train: every worker joins the gathers, rank 0 writes."""
         import ray.train
 
         stage_name = self.config.train.stages[state.stage_index].name
         reported = {**metrics, "stage_index": state.stage_index, "next_step": state.next_step}
+        touched = touched_prefixes(self.model, self.config.train.stages, state.stage_index)
+        weights = gather_parameters(self.model, touched, rank=self.rank)
+        optimizer_state = gather_optimizer_state(self.model, optimizer)
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if self.rank == 0:
-                touched = touched_prefixes(self.model, self.config.train.stages, state.stage_index)
-                save_train_state(Path(folder), self.model, state, touched=touched)
+                state = dataclasses.replace(state, optimizer_state=optimizer_state)
+                save_train_state(Path(folder), weights=weights, state=state)
                 if stage_done and tracker is not None:
                     tracker.log_checkpoint(Path(folder), stage_name)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(reported, checkpoint=checkpoint)
 
 
-def autocast(mixed_precision: str, device: torch.device):
-    """bf16 autocast on GPU for "auto", wherever asked for "bf16"; plain fp32 otherwise.
+def compute_bf16(resources, device: torch.device) -> bool:
+    """bf16 compute on GPU for "auto", wherever asked for "bf16"; plain fp32 otherwise.
     Master weights, gradients and AdamW states stay fp32 either way."""
-    enabled = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    mode = resources.mixed_precision
+    return mode == "bf16" or (mode == "auto" and device.type == "cuda")
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
