@@ -3,7 +3,14 @@
     qwenflux tiny-models --out DIR [--seed N]      build the tiny random checkpoints
     qwenflux data --config PRESET [--set k=v]      run or resume the data pipeline
     qwenflux train --config PRESET [--set k=v]     run or resume the three-stage fine-tune
-    qwenflux demo [--config tiny] [--set k=v]      tiny models, then data and training
+    qwenflux register --config PRESET              package the trained model, gate, register
+    qwenflux promote --config PRESET [--version N] candidate -> champion if it beats it
+    qwenflux infer --config PRESET --model URI --requests FILE --out DIR
+                                                    batch inference (Ray Data actors)
+    qwenflux generate --config PRESET --model URI --mode M [--prompt ..] --out DIR
+                                                    one request, same code path
+    qwenflux demo [--config tiny] [--set k=v]      tiny models, data, training, registry,
+                                                    batch inference
     qwenflux show-config --config PRESET           the resolved config, after overrides
     qwenflux plan [--config a100x8] [--gpus N]     real-scale memory, FLOPs and days per stage
 
@@ -35,9 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--global-batch", type=int, default=None, help="samples/step (default 128)")
     plan.add_argument("--mfu", type=float, default=None, help="assumed MFU (default 0.35)")
 
+    configured = {}
     for name, help_text in (
         ("data", "run or resume the data pipeline"),
         ("train", "run or resume the three-stage fine-tune on Ray Train"),
+        ("register", "export the trained model, run the gate, register a version"),
+        ("promote", "move alias champion to the candidate if its gate beats the champion"),
+        ("infer", "batch inference from a requests file (Parquet or JSONL)"),
+        ("generate", "generate one image"),
         ("demo", "build tiny models, then run the embedded pipeline"),
         ("show-config", "print the resolved config"),
     ):
@@ -51,6 +63,21 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config key, e.g. --set data.resources.num_encoders=4",
         )
+        configured[name] = command
+    configured["promote"].add_argument("--version", help="version to promote (default: candidate)")
+    for name in ("infer", "generate"):
+        configured[name].add_argument(
+            "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a folder"
+        )
+        configured[name].add_argument("--out", required=True, type=Path, help="output folder")
+    configured["infer"].add_argument("--requests", required=True, type=Path, help="requests file")
+    one = configured["generate"]
+    one.add_argument("--mode", required=True, help="text, variation, image_text, img2img, inpaint")
+    one.add_argument("--id", default="generated", help="request id (the image file name)")
+    for option in ("prompt", "image", "mask", "aspect", "focus"):
+        one.add_argument(f"--{option}", default=None)
+    for option, kind in (("seed", int), ("steps", int), ("guidance", float), ("strength", float)):
+        one.add_argument(f"--{option}", type=kind, default=None)
     return parser
 
 
@@ -73,8 +100,16 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(config)
         if args.command == "train":
             return _train(config)
+        if args.command == "register":
+            return _register(config)
+        if args.command == "promote":
+            return _promote(config, args.version)
+        if args.command == "infer":
+            return _infer(config, args.model, args.requests, args.out)
+        if args.command == "generate":
+            return _generate(config, args)
         return _data(config)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"qwenflux: error: {error}", file=sys.stderr)
         return 2
 
@@ -115,6 +150,47 @@ def _train(config) -> int:
     return 0
 
 
+def _register(config) -> int:
+    from pipelines.register import run_registration
+
+    result = run_registration(config)
+    print(result.format())
+    return 0 if result.version is not None else 1
+
+
+def _promote(config, version: str | None) -> int:
+    from pipelines.register import run_promotion
+
+    decision = run_promotion(config, version=version)
+    print(decision.message)
+    return 0
+
+
+def _infer(config, model: str, requests: Path, out: Path) -> int:
+    from pipelines.infer import run_inference
+
+    summary = run_inference(config, model=model, requests=requests, out_dir=out)
+    print(summary.format())
+    return 0
+
+
+def _generate(config, args: argparse.Namespace) -> int:
+    from pipelines.infer import generate_one
+
+    row = {"id": args.id, "mode": args.mode}
+    for option in ("prompt", "image", "mask", "aspect", "focus", "seed", "steps", "guidance"):
+        if getattr(args, option) is not None:
+            row[option] = getattr(args, option)
+    if args.strength is not None:
+        row["strength"] = args.strength
+    result = generate_one(config, model=args.model, row=row, out_dir=args.out)
+    if result["status"] != "ok":
+        print(f"qwenflux: error: {result['error']}", file=sys.stderr)
+        return 1
+    print(f"image: {Path(args.out).resolve() / result['image_path']}")
+    return 0
+
+
 def _demo(config) -> int:
     qwen_dir = Path(config.data.encode.qwen2vl)
     flux_dir = Path(config.data.encode.flux)
@@ -123,12 +199,24 @@ def _demo(config) -> int:
     _tiny_models(qwen_dir.parent, config.run.seed)
     _data(config)
     _train(config)
+    from pipelines.demo_requests import write_demo_requests
+    from pipelines.register import run_promotion, run_registration
+
+    registration = run_registration(config)
+    print(registration.format())
     root = Path(config.run.root).resolve()
+    if registration.version is not None:
+        print(run_promotion(config).message)
+        requests = write_demo_requests(root / "demo-requests", data_root=root / "data")
+        model = f"models:/{config.registry.model_name}@champion"
+        _infer(config, model, requests, root / "inference")
     print(f"\nrun directory: {root}")
     print(f"shards:        {root / 'data' / 'shards'}")
     print(f"checkpoints:   {root / 'train'}")
+    print(f"images:        {root / 'inference' / 'images'}")
+    print(f"results:       {root / 'inference' / 'results.parquet'}")
     print(f"MLflow UI:     mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}")
-    return 0
+    return 0 if registration.version is not None else 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from components.buckets import BucketConfig
 from components.download import DownloadConfig
 from components.encode import EncodeConfig
 from components.filters import FilterConfig
+from components.requests import RequestDefaults
 from components.training_loop import GuardConfig, ObjectiveConfig, OptimizerConfig, StageConfig
 from components.url_policy import UrlPolicyConfig
 from pipelines.config_loading import ConfigError, apply_override, build, load_toml
@@ -201,6 +202,50 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RegistryConfig:
+    """The evaluation gate and the registered model."""
+
+    model_name: str = "qwen2vl-flux"
+    """Registered model name in the MLflow Model Registry."""
+    min_improvement: float = 0.02
+    """Gate: the trained model's held-out validation loss must be at least this fraction below
+    the untrained start's (same rows, same fixed sigmas and noise)."""
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ValueError("model_name must not be empty")
+        if not 0.0 <= self.min_improvement < 1.0:
+            raise ValueError("min_improvement must lie in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InferConfig:
+    """Batch inference: the actor pool and the request defaults."""
+
+    num_actors: int = 1
+    """Ray Data actors; each loads the model once."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per actor."""
+    gpus_per_actor: float = 0.0
+    """GPUs per actor (0 = CPU)."""
+    batch_size: int = 4
+    """Requests per actor call (results are written as each call returns)."""
+    device: str = "cpu"
+    """Torch device of the actors ("cuda" with gpus_per_actor > 0)."""
+    compute_dtype: str = "float32"
+    """Dtype of generation ("bfloat16" on GPU)."""
+    requests: RequestDefaults
+
+    def __post_init__(self) -> None:
+        if self.num_actors < 1 or self.batch_size < 1:
+            raise ValueError("num_actors and batch_size must be >= 1")
+        if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
+            raise ValueError("cpus_per_actor must be > 0 and gpus_per_actor >= 0")
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError("compute_dtype must be float32, bfloat16 or float16")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class PipelineConfig:
     """The whole config of one run: a preset file plus overrides."""
 
@@ -208,6 +253,8 @@ class PipelineConfig:
     data: DataConfig
     train: TrainConfig
     tracking: TrackingConfig
+    registry: RegistryConfig
+    infer: InferConfig
 
 
 def preset_path(name_or_path: str) -> Path:

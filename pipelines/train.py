@@ -115,7 +115,26 @@ def preflight(config: PipelineConfig, root: Path) -> dict:
             f"(revision {qwen.revision_id}); re-encode the data or point data.encode.qwen2vl "
             "at the checkpoint that encoded it"
         )
+    _check_checkpoint_format(config)
     return manifest
+
+
+def _check_checkpoint_format(config: PipelineConfig) -> None:
+    """Checkpoints an older trainer wrote in this run's storage would fail in every worker
+    (and be retried max_failures times): refuse them here, once, by name."""
+    from pipelines.train_state import CHECKPOINT_FORMAT, STATE_FILE
+
+    storage = storage_path(config)
+    if "://" in storage:
+        return
+    run_dir = Path(storage) / f"{config.run.name}-train"
+    for state_file in sorted(run_dir.glob(f"checkpoint_*/{STATE_FILE}")):
+        found = json.loads(state_file.read_text()).get("format")
+        if found != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"checkpoint {state_file.parent} has format {found!r}; this trainer reads format "
+                f"{CHECKPOINT_FORMAT} (start a new run.root or train.storage_path)"
+            )
 
 
 def _parent_run(config: PipelineConfig, manifest: dict, *, run_name: str) -> str:

@@ -85,3 +85,18 @@ def dataset_root(request) -> Path:
         return Path(given)
     config, _ = request.getfixturevalue("tiny_data_run")
     return Path(config.run.root) / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tmp_path_factory, tiny_models_dir, tiny_data_run, ray_local):
+    """The tiny preset trained once per session (2 Ray Train workers, three stages) on the tiny
+    dataset: (config, Ray Train Result). Training, registry and inference tests share it."""
+    from pipelines.train import run_training
+
+    data_config, _ = tiny_data_run
+    config = tiny_config(
+        tmp_path_factory.mktemp("train_run"),
+        tiny_models_dir,
+        f"train.dataset={Path(data_config.run.root) / 'data'}",
+    )
+    return config, run_training(config)

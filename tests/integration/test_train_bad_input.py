@@ -78,3 +78,18 @@ def test_data_encoded_by_another_qwen_is_refused(
     with pytest.raises(DatasetModelMismatchError, match="re-encode"):
         run_training(config)
     _assert_nothing_written(tmp_path)
+
+
+def test_checkpoints_of_an_older_format_are_refused_before_any_worker_starts(
+    make_tiny_config, tiny_models_dir, dataset_copy, tmp_path
+):
+    storage = tmp_path / "storage"
+    config = _config(
+        make_tiny_config, tmp_path, tiny_models_dir, dataset_copy, f"train.storage_path={storage}"
+    )
+    old = storage / f"{config.run.name}-train" / "checkpoint_2026-01-01_00-00-00.000000"
+    old.mkdir(parents=True)
+    (old / "state.json").write_text(json.dumps({"stage_index": 0, "next_step": 2}))
+    with pytest.raises(ValueError, match=f"{old.name} has format None"):
+        run_training(config)
+    _assert_nothing_written(tmp_path)

@@ -8,21 +8,14 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from model.flux_stages import STAGE_BLOCKS
-from pipelines.train import run_training
 from pipelines.train_tracking import tracking_uri
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_models_dir, tiny_data_run, ray_local, make_tiny_config):
-    data_config, _ = tiny_data_run
-    config = make_tiny_config(
-        tmp_path_factory.mktemp("train_run"),
-        tiny_models_dir,
-        f"train.dataset={Path(data_config.run.root) / 'data'}",
-    )
-    return config, run_training(config)
+def trained(tiny_trained_run):
+    return tiny_trained_run
 
 
 def test_three_stages_train_and_the_loss_falls(trained):

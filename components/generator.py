@@ -1,0 +1,494 @@
+"""Image generation with a trained Qwen2VL-Flux model: every mode of the released model.
+
+The shared types come first: `GeneratorParts` (what a model package loads into: the trained
+networks plus the paths of the verified frozen bases) and `GenerationRequest` (one request,
+already parsed and validated as far as its fields go). `Generator` turns requests into images.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from components.encode import EncodeConfig, SampleEncoder
+from model.conditioning import image_token_states, real_token_states
+from model.flow_matching import (
+    add_noise,
+    latent_image_ids,
+    pack_latents,
+    resolution_shift_mu,
+    scale_latents,
+    unpack_latents,
+    unscale_latents,
+)
+from model.flux_forward import FluxConditioning, predict_velocity
+from model.generation import (
+    LATENT_SIDE_MULTIPLE,
+    apply_focus,
+    circle_focus_weights,
+    grid_focus_weights,
+    img2img_start_index,
+    inpaint_sample,
+    latent_size,
+    merged_grid,
+    pack_mask,
+    repaint_mask,
+)
+from model.qwen2vl_tail import PromptBatch, run_prefix
+from model.sampling import euler_sample, flux_sigmas
+
+MODES = ("text", "variation", "image_text", "img2img", "inpaint")
+"""text: prompt through Qwen2-VL; variation: reference image tokens only (no prompt);
+image_text: reference image tokens + prompt tokens (as training's IMAGE_AND_CAPTION);
+img2img: start from the reference image noised to `strength`; inpaint: img2img that repaints
+only where the mask is white."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GeneratorSettings:
+    """How the model was trained and encodes (from the data manifest / training config)."""
+
+    instruction: str
+    """The user-turn instruction next to a reference image ("Describe this image.")."""
+    image_tokens: int
+    """Qwen2-VL image-token budget of a reference image (512)."""
+    vae_scaling_factor: float
+    vae_shift_factor: float
+    guidance: float = 3.5
+    """Default FLUX-dev guidance-embedding value (what training fed)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GeneratorParts:
+    """A loaded model package: trained networks + verified frozen bases (by path)."""
+
+    qwen2vl_path: Path
+    """Base Qwen2-VL checkpoint folder (prefix layers, tokenizer, image processor)."""
+    flux_path: Path
+    """Base FLUX diffusers folder (vae/, text_encoder/ + tokenizer/ for CLIP-L)."""
+    transformer: nn.Module
+    """The trained FluxTransformer2DModel."""
+    tail: nn.Module
+    """The trained Qwen2VLTail (last decoder layer + final norm + rope)."""
+    connector: nn.Module
+    """The trained Connector (encoder hidden -> joint_attention_dim)."""
+    settings: GeneratorSettings
+    name: str = ""
+    """Registered model name (results carry it); empty outside the registry."""
+    version: str = ""
+    """Registered model version."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FocusCircle:
+    """Weight the reference image's tokens by max(0, 1 - distance / (radius * min side)); centre
+    and radius are fractions of the image (centre in [0, 1], radius > 0)."""
+
+    center_x: float
+    center_y: float
+    radius: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FocusGrid:
+    """Weight 1 on the marked cells of a rows x columns grid over the reference image, 0 elsewhere;
+    cells are (row, column) pairs, 0-based."""
+
+    rows: int
+    columns: int
+    cells: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GenerationRequest:
+    """One image to generate. Sides must be multiples of 16 (latent /8, then 2x2 packing)."""
+
+    mode: str
+    width: int
+    height: int
+    prompt: str = ""
+    image: Image.Image | None = field(default=None, compare=False)
+    """Reference image (variation, image_text; the init image of img2img and inpaint)."""
+    mask: Image.Image | None = field(default=None, compare=False)
+    """Inpaint mask, same size as `image`: white (>= 128) = repaint, black = keep."""
+    strength: float = 0.8
+    """img2img / inpaint: how far to noise the init image (1.0 = pure noise)."""
+    focus: FocusCircle | FocusGrid | None = None
+    seed: int = 0
+    steps: int = 28
+    guidance: float | None = None
+    """None = the package's default."""
+
+
+REFERENCE_MODES = ("variation", "image_text", "img2img", "inpaint")
+"""Modes that need `image` (a reference image or the init image)."""
+INIT_IMAGE_MODES = ("img2img", "inpaint")
+"""Modes whose sampler starts part-way from the init image's latent."""
+MAX_SEED = 2**64 - 1
+
+
+def uses_reference_tokens(request: GenerationRequest) -> bool:
+    """True when the reference image's token states condition FLUX (focus applies to them)."""
+    if request.mode in ("variation", "image_text"):
+        return True
+    return request.mode in INIT_IMAGE_MODES and not request.prompt.strip()
+
+
+def uses_prompt_tokens(request: GenerationRequest) -> bool:
+    """True when the prompt's token states (and its CLIP pooled vector) condition FLUX."""
+    if request.mode in ("text", "image_text"):
+        return True
+    return request.mode in INIT_IMAGE_MODES and bool(request.prompt.strip())
+
+
+def validate_request(request: GenerationRequest) -> None:
+    """Field-level checks of one request; ValueError naming the field. Needs no model."""
+    if request.mode not in MODES:
+        raise ValueError(f"mode: unknown mode {request.mode!r}; valid modes: {', '.join(MODES)}")
+    _check_size(request)
+    _check_sampling(request)
+    _check_inputs(request)
+    if request.focus is not None:
+        _check_focus(request)
+
+
+def _is_int(value: object) -> bool:
+    # numbers.Integral: numpy integers from a results table count too; bool does not.
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: object) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, (bool, np.bool_))
+        and math.isfinite(value)
+    )
+
+
+def _check_size(request: GenerationRequest) -> None:
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if not _is_int(value) or value < LATENT_SIDE_MULTIPLE or value % LATENT_SIDE_MULTIPLE:
+            raise ValueError(
+                f"{name}: must be a multiple of {LATENT_SIDE_MULTIPLE} and >= "
+                f"{LATENT_SIDE_MULTIPLE} (VAE /8, then 2x2 packing), got {value!r}"
+            )
+
+
+def _check_sampling(request: GenerationRequest) -> None:
+    if not _is_int(request.steps) or request.steps < 1:
+        raise ValueError(f"steps: must be an integer >= 1, got {request.steps!r}")
+    if not _is_real(request.strength) or not 0 < request.strength <= 1:
+        raise ValueError(f"strength: must lie in (0, 1], got {request.strength!r}")
+    if not _is_int(request.seed) or not 0 <= request.seed <= MAX_SEED:
+        raise ValueError(f"seed: must be an integer in [0, 2**64 - 1], got {request.seed!r}")
+    if request.guidance is not None and (not _is_real(request.guidance) or request.guidance < 0):
+        raise ValueError(
+            f"guidance: must be a finite number >= 0 or None, got {request.guidance!r}"
+        )
+
+
+def _check_inputs(request: GenerationRequest) -> None:
+    mode = request.mode
+    if not isinstance(request.prompt, str):
+        raise ValueError(f"prompt: must be a string, got {type(request.prompt).__name__}")
+    if mode in REFERENCE_MODES and not isinstance(request.image, Image.Image):
+        raise ValueError(
+            f"image: mode {mode!r} needs a reference image (PIL), got {request.image!r}"
+        )
+    has_prompt = bool(request.prompt.strip())
+    if mode in ("text", "image_text") and not has_prompt:
+        raise ValueError(f"prompt: mode {mode!r} needs a non-empty prompt")
+    if mode == "variation" and has_prompt:
+        raise ValueError("prompt: mode 'variation' takes no prompt (use mode 'image_text')")
+    if mode != "inpaint":
+        if request.mask is not None:
+            raise ValueError(f"mask: only mode 'inpaint' takes a mask, not {mode!r}")
+        return
+    if not isinstance(request.mask, Image.Image):
+        raise ValueError(f"mask: mode 'inpaint' needs a mask image (PIL), got {request.mask!r}")
+    if request.mask.size != request.image.size:
+        raise ValueError(
+            f"mask: size {request.mask.size[0]}x{request.mask.size[1]} differs from the image's "
+            f"{request.image.size[0]}x{request.image.size[1]}"
+        )
+
+
+def _check_focus(request: GenerationRequest) -> None:
+    focus = request.focus
+    if not uses_reference_tokens(request):
+        raise ValueError(
+            f"focus: mode {request.mode!r}"
+            + (" with a prompt" if request.mode in INIT_IMAGE_MODES else "")
+            + " is conditioned on no reference-image tokens to focus"
+        )
+    if isinstance(focus, FocusCircle):
+        for name in ("center_x", "center_y"):
+            value = getattr(focus, name)
+            if not _is_real(value) or not 0 <= value <= 1:
+                raise ValueError(f"focus.{name}: must lie in [0, 1], got {value!r}")
+        if not _is_real(focus.radius) or focus.radius <= 0:
+            raise ValueError(f"focus.radius: must be a finite number > 0, got {focus.radius!r}")
+        return
+    if not isinstance(focus, FocusGrid):
+        raise ValueError(f"focus: must be FocusCircle, FocusGrid or None, got {focus!r}")
+    for name in ("rows", "columns"):
+        value = getattr(focus, name)
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"focus.{name}: must be an integer >= 1, got {value!r}")
+    if not focus.cells:
+        raise ValueError("focus.cells: mark at least one (row, column) cell")
+    for cell in focus.cells:
+        if (
+            len(cell) != 2
+            or not all(_is_int(index) for index in cell)
+            or not (0 <= cell[0] < focus.rows and 0 <= cell[1] < focus.columns)
+        ):
+            raise ValueError(
+                f"focus.cells: cell {cell!r} lies outside the {focus.rows} x {focus.columns} grid"
+            )
+
+
+def focus_weights(focus: FocusCircle | FocusGrid, grid: tuple[int, int]) -> torch.Tensor:
+    """[G] float32 weights of the reference image's tokens on their (rows, columns) grid."""
+    if isinstance(focus, FocusCircle):
+        return circle_focus_weights(
+            *grid, center_x=focus.center_x, center_y=focus.center_y, radius=focus.radius
+        )
+    return grid_focus_weights(*grid, rows=focus.rows, columns=focus.columns, cells=focus.cells)
+
+
+class Generator:
+    """The frozen bases (loaded once) + the trained networks: GenerationRequest -> PIL image.
+
+    Conditioning is built as training builds it: Qwen2-VL prefix -> trained tail (last layer +
+    norm) -> image tokens and/or prompt tokens -> connector -> FLUX encoder_hidden_states, with
+    the CLIP-L pooled vector of the prompt (of "" when no prompt conditions). Sampling is FLUX's
+    shifted-sigma Euler; the initial noise is drawn on the CPU from request.seed, so a request
+    gives the same image on any device up to kernel differences (byte-identical on the CPU).
+    """
+
+    def __init__(
+        self, parts: GeneratorParts, *, device: str = "cpu", compute_dtype: str = "float32"
+    ) -> None:
+        settings = parts.settings
+        self.parts = parts
+        self.encoder = SampleEncoder(
+            EncodeConfig(
+                qwen2vl=str(parts.qwen2vl_path),
+                flux=str(parts.flux_path),
+                instruction=settings.instruction,
+                image_tokens=settings.image_tokens,
+                batch_size=1,
+                hidden_dtype="float32",
+                latent_mode="mean",
+                device=device,
+                compute_dtype=compute_dtype,
+            )
+        )
+        self.device = self.encoder.device
+        self.dtype = self.encoder.compute_dtype
+        self._prepare_trained_parts()
+        vae_config = self.encoder.vae.config
+        self.vae_scale_factor = 2 ** (len(vae_config.block_out_channels) - 1)
+        self.latent_channels = int(vae_config.latent_channels)
+        self.has_guidance_embeds = bool(parts.transformer.config.guidance_embeds)
+        with torch.inference_mode():
+            self._empty_pooled_P = self.encoder.encode_clip_pooled([""])[0]
+
+    def _prepare_trained_parts(self) -> None:
+        parts = self.parts
+        # The rope's inverse frequencies stay float32 (as load_qwen2vl_tail keeps them).
+        cast = [parts.transformer, parts.connector]
+        cast += [child for name, child in parts.tail.named_children() if name != "rotary_emb"]
+        for module in (parts.transformer, parts.connector, parts.tail):
+            module.to(device=self.device).eval().requires_grad_(False)
+        for module in cast:
+            if any(param.dtype != self.dtype for param in module.parameters()):
+                module.to(dtype=self.dtype)
+
+    def generate(self, request: GenerationRequest) -> Image.Image:
+        """One RGB image of exactly request.width x request.height (validates first)."""
+        return self.decode_latents(self.generate_latents(request))[0]
+
+    def generate_many(self, requests: Sequence[GenerationRequest]) -> list[Image.Image]:
+        """generate() for each request in order (every request is validated before any runs)."""
+        for request in requests:
+            validate_request(request)
+        return [self.generate(request) for request in requests]
+
+    @torch.inference_mode()
+    def generate_latents(self, request: GenerationRequest) -> torch.Tensor:
+        """The sampled RAW VAE latent float32 [1, C, height / 8, width / 8] on the CPU (before
+        the VAE decoder; shift and scaling already undone)."""
+        validate_request(request)
+        latent_height, latent_width = latent_size(
+            request.width, request.height, vae_scale_factor=self.vae_scale_factor
+        )
+        reference = self._reference_image(request)
+        conditioning = self._conditioning(request, reference)
+        seeded = torch.Generator("cpu").manual_seed(int(request.seed))
+        noise_BCHW = torch.randn(
+            (1, self.latent_channels, latent_height, latent_width),
+            generator=seeded,
+            dtype=torch.float32,
+        )
+        noise_BLC = pack_latents(noise_BCHW).to(self.device)
+        image_ids_L3 = latent_image_ids(latent_height, width_latent=latent_width).to(self.device)
+        sigmas_N1 = flux_sigmas(request.steps, mu=resolution_shift_mu(noise_BLC.shape[1]))
+        sigmas_N1 = sigmas_N1.to(self.device)
+        velocity = partial(self._velocity, image_ids_L3=image_ids_L3, conditioning=conditioning)
+        if request.mode in INIT_IMAGE_MODES:
+            packed_BLC = self._sample_from_init(
+                request, reference, velocity=velocity, noise_BLC=noise_BLC, sigmas_N1=sigmas_N1
+            )
+        else:
+            packed_BLC = euler_sample(velocity, noise_BLC, sigmas_N1=sigmas_N1)
+        latents = unpack_latents(packed_BLC, height=latent_height, width=latent_width)
+        settings = self.parts.settings
+        raw = unscale_latents(
+            latents.float(),
+            scaling_factor=settings.vae_scaling_factor,
+            shift_factor=settings.vae_shift_factor,
+        )
+        return raw.cpu()
+
+    @torch.inference_mode()
+    def decode_latents(self, raw_BCHW: torch.Tensor) -> list[Image.Image]:
+        """RAW VAE latents -> RGB images (diffusers' postprocess: [-1, 1] -> round(x * 255))."""
+        pixels = self.encoder.vae.decode(raw_BCHW.to(self.device, self.dtype)).sample
+        array = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return [Image.fromarray(image) for image in array.permute(0, 2, 3, 1).cpu().numpy()]
+
+    def _reference_image(self, request: GenerationRequest) -> Image.Image | None:
+        if request.image is None or request.mode not in REFERENCE_MODES:
+            return None
+        image = request.image.convert("RGB")
+        size = (int(request.width), int(request.height))
+        if request.mode in INIT_IMAGE_MODES and image.size != size:
+            # The init image is what the sampler starts from: it takes the output size.
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        return image
+
+    def _final_states(self, batch: PromptBatch) -> torch.Tensor:
+        """Frozen prefix, then the trained tail (last layer + norm): final hidden [1, L, D]."""
+        prefix = run_prefix(self.encoder.prefix_model, batch)
+        return self.parts.tail(prefix.hidden_BLD, prefix.position_ids_3BL, prefix.attention_mask_BL)
+
+    @torch.inference_mode()
+    def reference_tokens(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The reference image's token states [G, D] (row-major) and their (rows, columns)."""
+        batch = self.encoder.image_prompt_batch([image])
+        final_BLD = self._final_states(batch)
+        image_mask_BL = batch.input_ids_BL == self.encoder.image_token_id
+        tokens_GD = image_token_states(final_BLD, image_mask_BL=image_mask_BL)[0]
+        grid = merged_grid(
+            batch.image_grid_thw_N3[0].tolist(), merge_size=self.encoder.image_processor.merge_size
+        )
+        return tokens_GD, grid
+
+    @torch.inference_mode()
+    def prompt_tokens(self, prompt: str) -> torch.Tensor:
+        """The caption prompt's real-token states [T, D] (the chat turn holding `prompt`)."""
+        batch = self.encoder.caption_prompt_batch([prompt])
+        final_BLD = self._final_states(batch)
+        return real_token_states(final_BLD, attention_mask_BL=batch.attention_mask_BL)[0]
+
+    @torch.inference_mode()
+    def conditioning(self, request: GenerationRequest) -> FluxConditioning:
+        """What FLUX is conditioned on for a request (batch of 1): connector output of the
+        chosen tokens (image tokens first, focus applied, then prompt tokens), all-True mask,
+        CLIP pooled vector of the prompt or of "", and the guidance value."""
+        validate_request(request)
+        return self._conditioning(request, self._reference_image(request))
+
+    def _conditioning(
+        self, request: GenerationRequest, reference: Image.Image | None
+    ) -> FluxConditioning:
+        chosen_TD = []
+        if uses_reference_tokens(request):
+            tokens_GD, grid = self.reference_tokens(reference)
+            if request.focus is not None:
+                tokens_GD = apply_focus(tokens_GD, focus_weights(request.focus, grid))
+            chosen_TD.append(tokens_GD)
+        pooled_P = self._empty_pooled_P
+        if uses_prompt_tokens(request):
+            chosen_TD.append(self.prompt_tokens(request.prompt))
+            pooled_P = self.encoder.encode_clip_pooled([request.prompt])[0]
+        hidden_BTD = self.parts.connector(torch.cat(chosen_TD)[None])
+        guidance = self.parts.settings.guidance if request.guidance is None else request.guidance
+        return FluxConditioning(
+            hidden_BTD=hidden_BTD,
+            mask_BT=torch.ones(hidden_BTD.shape[:2], dtype=torch.bool, device=self.device),
+            pooled_BP=pooled_P[None].to(self.device, self.dtype),
+            guidance_B=(
+                torch.full((1,), float(guidance), device=self.device)
+                if self.has_guidance_embeds
+                else None
+            ),
+        )
+
+    def _velocity(
+        self,
+        sample_BLC: torch.Tensor,
+        sigmas_B: torch.Tensor,
+        *,
+        image_ids_L3: torch.Tensor,
+        conditioning: FluxConditioning,
+    ) -> torch.Tensor:
+        # The sample stays float32 between steps; only the transformer runs in compute dtype.
+        velocity_BLC = predict_velocity(
+            self.parts.transformer,
+            sample_BLC.to(self.dtype),
+            image_ids_L3=image_ids_L3,
+            sigmas_B=sigmas_B,
+            conditioning=conditioning,
+        )
+        return velocity_BLC.float()
+
+    def _sample_from_init(
+        self,
+        request: GenerationRequest,
+        reference: Image.Image,
+        *,
+        velocity,
+        noise_BLC: torch.Tensor,
+        sigmas_N1: torch.Tensor,
+    ) -> torch.Tensor:
+        start_index = img2img_start_index(request.steps, request.strength)
+        settings = self.parts.settings
+        raw_BCHW = self.encoder.encode_latents([reference])[0][None]
+        init_BLC = pack_latents(
+            scale_latents(
+                raw_BCHW,
+                scaling_factor=settings.vae_scaling_factor,
+                shift_factor=settings.vae_shift_factor,
+            )
+        ).to(self.device)
+        noised_BLC = add_noise(
+            init_BLC, noise_BLP=noise_BLC, sigmas_B=sigmas_N1[start_index : start_index + 1]
+        )
+        if request.mode == "img2img":
+            return euler_sample(velocity, noised_BLC, sigmas_N1=sigmas_N1, start_index=start_index)
+        mask = request.mask.convert("L").resize(reference.size, Image.Resampling.NEAREST)
+        repaint_HW = torch.from_numpy(np.asarray(mask) >= 128)
+        repaint_hw = repaint_mask(repaint_HW, vae_scale_factor=self.vae_scale_factor)
+        repaint_BLC = pack_mask(repaint_hw, num_channels=self.latent_channels).to(self.device)
+        return inpaint_sample(
+            velocity,
+            noised_BLC,
+            sigmas_N1=sigmas_N1,
+            start_index=start_index,
+            init_BLC=init_BLC,
+            noise_BLC=noise_BLC,
+            repaint_BLC=repaint_BLC,
+        )

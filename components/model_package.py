@@ -1,0 +1,460 @@
+"""Model package: a trained checkpoint + references to its frozen bases, ready for inference.
+
+Input of export_package: a training checkpoint folder (pipelines/train_state.py: weights.safetensors
+with `transformer.*`, `tail.*`, `connector.*` parameters) and the Qwen2-VL / FLUX bases it was
+trained from. Output: one folder, written atomically:
+  transformer/              the whole trained FluxTransformer2DModel (diffusers save_pretrained)
+  encoder_tail.safetensors  Qwen2-VL's trained last layer + final norm (`layer.*`, `norm.*`)
+  connector.safetensors     the trained Connector (`weight`, `bias`)
+  package.json              format, GeneratorSettings, connector dims, dtype, lineage, and for each
+                            frozen base (NOT copied): id, revision id, sha256 of every file read
+load_package resolves the bases, verifies those hashes and returns GeneratorParts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from components.encode import CheckpointNotFoundError, ResolvedCheckpoint, resolve_checkpoint
+from components.generator import GeneratorParts, GeneratorSettings
+from components.tail_checkpoint import load_qwen2vl_tail
+from model.conditioning import Connector
+from model.qwen2vl_tail import Qwen2VLTail
+
+PACKAGE_FORMAT = 1
+PACKAGE_FILE = "package.json"
+TRANSFORMER_DIR = "transformer"
+TAIL_FILE = "encoder_tail.safetensors"
+CONNECTOR_FILE = "connector.safetensors"
+CHECKPOINT_WEIGHTS = "weights.safetensors"
+CHECKPOINT_STATE = "state.json"
+HASH_CACHE_FILE = "base_file_hashes.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+QWEN2VL_AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+)
+"""Qwen2-VL files besides the weights that loading the prefix, tokenizer and processor reads
+(hashed when present)."""
+FLUX_FOLDERS = ("vae", "text_encoder", "tokenizer")
+"""FLUX folders the generator reads (every file hashed). transformer/ is shipped in the package;
+text_encoder_2/ and tokenizer_2/ (T5) are never used."""
+_FLUX_REQUIRED = (
+    "transformer/diffusion_pytorch_model",
+    "vae/diffusion_pytorch_model",
+    "text_encoder/model",
+    "tokenizer/",
+)
+_HASH_CHUNK_BYTES = 8 << 20
+
+logger = logging.getLogger(__name__)
+
+
+class PackageError(ValueError):
+    """A package or checkpoint that is malformed, incomplete or does not fit its bases."""
+
+
+class PackageIntegrityError(PackageError):
+    """A frozen base file the package recorded is missing or has a different sha256."""
+
+
+def export_package(
+    *,
+    checkpoint_dir: Path,
+    qwen2vl: str,
+    qwen2vl_revision: str | None,
+    flux: str,
+    flux_revision: str | None,
+    settings: GeneratorSettings,
+    lineage: dict[str, str],
+    out_dir: Path,
+    dtype: str = "float32",
+) -> Path:
+    """Apply a training checkpoint to its bases and write a package folder at out_dir.
+
+    qwen2vl / flux are the bases as training named them (local dir or hub id in the local HF
+    cache). dtype ('float32' or 'bfloat16') is how the trained networks are stored. out_dir must
+    not exist; it appears only complete (staging folder + os.replace), never half-written.
+    Errors: PackageError for an unknown / misshapen tensor or a checkpoint without the connector,
+    CheckpointNotFoundError for a missing checkpoint or base.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"package folder {out_dir} already exists")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    weights_file = Path(checkpoint_dir) / CHECKPOINT_WEIGHTS
+    if not weights_file.is_file():
+        raise CheckpointNotFoundError(f"training checkpoint {checkpoint_dir} lacks {weights_file}")
+    qwen_base = _resolve_base("qwen2vl", qwen2vl, qwen2vl_revision)
+    flux_base = _resolve_base("flux", flux, flux_revision)
+    hashes = FileHashCache(out_dir.parent)
+    bases = {
+        "qwen2vl": _base_record(qwen2vl, qwen2vl_revision, qwen_base, _qwen2vl_files, hashes),
+        "flux": _base_record(flux, flux_revision, flux_base, _flux_files, hashes),
+    }
+    hashes.save()
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(flux_base.path, subfolder="transformer")
+    tail = load_qwen2vl_tail(qwen2vl, revision=qwen2vl_revision)
+    connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
+    modules = {"transformer": transformer, "tail": tail, "connector": connector}
+    _apply_checkpoint(weights_file, modules)
+    if dtype != "float32":
+        for module in modules.values():
+            module.to(DTYPES[dtype])
+    manifest = {
+        "format": PACKAGE_FORMAT,
+        "settings": dataclasses.asdict(settings),
+        "connector": {"in_features": connector.in_features, "out_features": connector.out_features},
+        "dtype": dtype,
+        "lineage": dict(lineage),
+        "checkpoint": _checkpoint_summary(Path(checkpoint_dir)),
+        "bases": bases,
+    }
+    _write_atomically(out_dir, modules, manifest)
+    return out_dir
+
+
+def load_package(
+    package_dir: Path, *, name: str = "", version: str = "", hash_cache_dir: Path | None = None
+) -> GeneratorParts:
+    """Verify a package's frozen bases and load its trained networks (eval mode, no grad).
+
+    Every base file the package recorded is checked against its sha256. Hashing a 7B checkpoint
+    (~15 GB) at every start is slow, so verified hashes are cached in
+    `<hash_cache_dir or package_dir's parent>/base_file_hashes.json`, keyed by (absolute path,
+    size, mtime_ns). What the cache trusts: a file whose path, size and mtime_ns are unchanged
+    since it was hashed still holds the same bytes (an in-place rewrite that keeps the size and
+    restores the mtime is not seen), and the cache file itself is written only by this code (who
+    can edit it can make a changed file pass). Use a fresh hash_cache_dir to re-hash everything.
+    Errors: PackageError (bad package.json, unknown format, missing or misshapen weights),
+    CheckpointNotFoundError (a base is missing), PackageIntegrityError (a base file is missing or
+    its sha256 differs; the message names the file and both hashes).
+    """
+    package_dir = Path(package_dir)
+    manifest = read_manifest(package_dir)
+    try:
+        settings = GeneratorSettings(**manifest["settings"])
+        bases = manifest["bases"]
+        dims = manifest["connector"]
+        dtype = DTYPES[manifest["dtype"]]
+        qwen_record, flux_record = bases["qwen2vl"], bases["flux"]
+        for record in (qwen_record, flux_record):
+            if not {"id", "revision_id"} <= record.keys() or not isinstance(record["files"], dict):
+                raise KeyError(f"a base record needs id, revision_id and files: {record}")
+    except (KeyError, TypeError, ValueError) as error:
+        raise PackageError(f"package {package_dir}: {PACKAGE_FILE} is invalid: {error!r}") from None
+    hashes = FileHashCache(Path(hash_cache_dir) if hash_cache_dir else package_dir.parent)
+    qwen_path = _verified_base(package_dir, "qwen2vl", qwen_record, hashes)
+    flux_path = _verified_base(package_dir, "flux", flux_record, hashes)
+    hashes.save()
+    for relative in (f"{TRANSFORMER_DIR}/config.json", TAIL_FILE, CONNECTOR_FILE):
+        if not (package_dir / relative).is_file():
+            raise PackageError(f"package {package_dir} lacks {relative}")
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(
+        package_dir / TRANSFORMER_DIR, torch_dtype=dtype
+    )
+    tail = _load_tail(qwen_path, package_dir / TAIL_FILE)
+    connector = _load_connector(package_dir / CONNECTOR_FILE, dims)
+    expected = (tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
+    if (connector.in_features, connector.out_features) != expected:
+        raise PackageError(
+            f"package {package_dir}: connector {connector.in_features} -> "
+            f"{connector.out_features} does not fit the bases ({expected[0]} -> {expected[1]})"
+        )
+    for module in (transformer, tail, connector):
+        module.eval().requires_grad_(False)
+    return GeneratorParts(
+        qwen2vl_path=qwen_path,
+        flux_path=flux_path,
+        transformer=transformer,
+        tail=tail,
+        connector=connector,
+        settings=settings,
+        name=name,
+        version=version,
+    )
+
+
+def read_manifest(package_dir: Path) -> dict:
+    """package.json of a package (format checked); PackageError when missing or corrupt."""
+    path = Path(package_dir) / PACKAGE_FILE
+    if not path.is_file():
+        raise PackageError(f"package {package_dir} lacks {PACKAGE_FILE}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PackageError(f"package {package_dir}: corrupt {PACKAGE_FILE}: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != PACKAGE_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise PackageError(
+            f"package {package_dir}: {PACKAGE_FILE} has format {found!r}; this code reads "
+            f"format {PACKAGE_FORMAT}"
+        )
+    return manifest
+
+
+class FileHashCache:
+    """sha256 of files, remembered by (absolute path, size, mtime_ns) in a small JSON file.
+
+    See load_package for what it trusts. Writes are atomic (temp file + os.replace) and merge
+    with what is on disk; a folder that cannot be written just leaves the cache unsaved.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / HASH_CACHE_FILE
+        self._entries = self._read()
+        self._added: dict[str, dict] = {}
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            entries = json.loads(self.path.read_text()).get("entries", {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    def sha256(self, path: Path) -> str:
+        key = str(Path(path).absolute())
+        stat = os.stat(path)
+        entry = self._added.get(key) or self._entries.get(key)
+        if (
+            entry
+            and entry.get("size") == stat.st_size
+            and entry.get("mtime_ns") == stat.st_mtime_ns
+        ):
+            return entry["sha256"]
+        entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": hash_file(path)}
+        self._added[key] = entry
+        return entry["sha256"]
+
+    def save(self) -> None:
+        if not self._added:
+            return
+        entries = self._read() | self._added
+        temp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temp.write_text(json.dumps({"format": 1, "entries": entries}, sort_keys=True))
+            os.replace(temp, self.path)
+        except OSError as error:
+            temp.unlink(missing_ok=True)
+            logger.warning("could not save the file hash cache %s: %s", self.path, error)
+            return
+        self._entries, self._added = entries, {}
+
+
+def hash_file(path: Path) -> str:
+    """sha256 hex digest of a file, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _resolve_base(kind: str, name: str, revision: str | None) -> ResolvedCheckpoint:
+    if kind == "qwen2vl":
+        return resolve_checkpoint(
+            name, revision=revision, root_file="config.json", required=("model",)
+        )
+    return resolve_checkpoint(
+        name, revision=revision, root_file="model_index.json", required=_FLUX_REQUIRED
+    )
+
+
+def _qwen2vl_files(root: Path) -> list[str]:
+    """config + weights (index and every shard it lists, or the single file) + tokenizer,
+    processor and chat-template files that exist."""
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights = [index.name, *shards]
+    else:
+        weights = ["model.safetensors"]
+    aux = [name for name in QWEN2VL_AUX_FILES if (root / name).is_file()]
+    return sorted(set(aux + weights))
+
+
+def _flux_files(root: Path) -> list[str]:
+    files = ["model_index.json"]
+    for folder in FLUX_FOLDERS:
+        files += [
+            path.relative_to(root).as_posix()
+            for path in sorted((root / folder).rglob("*"))
+            if path.is_file()
+        ]
+    return files
+
+
+def _base_record(name, revision, resolved: ResolvedCheckpoint, list_files, hashes) -> dict:
+    return {
+        "id": name,
+        "revision": revision,
+        "revision_id": resolved.revision_id,
+        "files": {rel: hashes.sha256(resolved.path / rel) for rel in list_files(resolved.path)},
+    }
+
+
+def _verified_base(package_dir: Path, kind: str, record: dict, hashes: FileHashCache) -> Path:
+    """Resolve a recorded base at its exact revision and check every recorded file's sha256."""
+    revision_id = record["revision_id"]
+    # A hub base is pinned to the commit it was exported from; a local one has no revision.
+    revision = None if revision_id.startswith("local:") else revision_id
+    try:
+        resolved = _resolve_base(kind, record["id"], revision)
+    except (CheckpointNotFoundError, ValueError) as error:
+        raise CheckpointNotFoundError(
+            f"package {package_dir}: frozen base {kind} {record['id']!r} (revision "
+            f"{revision_id}) is not available: {error}"
+        ) from None
+    for relative, recorded in sorted(record["files"].items()):
+        path = resolved.path / relative
+        if not path.is_file():
+            raise PackageIntegrityError(
+                f"package {package_dir}: frozen base {kind} file {path} is missing "
+                f"(recorded sha256 {recorded})"
+            )
+        actual = hashes.sha256(path)
+        if actual != recorded:
+            raise PackageIntegrityError(
+                f"package {package_dir}: frozen base {kind} file {path} has sha256 {actual}, "
+                f"the package recorded {recorded}"
+            )
+    return resolved.path
+
+
+def _apply_checkpoint(weights_file: Path, modules: dict[str, nn.Module]) -> None:
+    """Copy every checkpoint tensor into the parameter of that name (strict names and shapes);
+    the connector has no base, so the checkpoint must hold it whole."""
+    parameters = {
+        f"{prefix}.{name}": param
+        for prefix, module in modules.items()
+        for name, param in module.named_parameters()
+    }
+    with safe_open(weights_file, framework="pt", device="cpu") as weights:
+        names = sorted(weights.keys())
+        unknown = [name for name in names if name not in parameters]
+        if unknown:
+            raise PackageError(
+                f"checkpoint {weights_file}: tensor {unknown[0]!r} is not a parameter of the "
+                f"model built from the bases ({len(unknown)} unknown)"
+            )
+        connector = sorted(f"connector.{key}" for key, _ in modules["connector"].named_parameters())
+        missing = [name for name in connector if name not in names]
+        if missing:
+            raise PackageError(
+                f"checkpoint {weights_file} lacks the connector ({', '.join(missing)}): "
+                "not a training checkpoint of this model"
+            )
+        with torch.no_grad():
+            for name in names:
+                tensor, param = weights.get_tensor(name), parameters[name]
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise PackageError(
+                        f"checkpoint {weights_file}: tensor {name!r} has shape "
+                        f"{tuple(tensor.shape)}, the model built from the bases has "
+                        f"{tuple(param.shape)}"
+                    )
+                param.copy_(tensor)
+
+
+def _checkpoint_summary(checkpoint_dir: Path) -> dict:
+    summary: dict = {"path": str(checkpoint_dir.absolute())}
+    state_file = checkpoint_dir / CHECKPOINT_STATE
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        for key in ("format", "stage_index", "next_step"):
+            if key in state:
+                summary[key] = state[key]
+    return summary
+
+
+def _tail_state(tail: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        key: value.detach().contiguous()
+        for key, value in tail.state_dict().items()
+        if key.startswith(("layer.", "norm."))
+    }
+
+
+def _write_atomically(out_dir: Path, modules: dict[str, nn.Module], manifest: dict) -> None:
+    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    try:
+        modules["transformer"].save_pretrained(staging / TRANSFORMER_DIR, safe_serialization=True)
+        save_file(_tail_state(modules["tail"]), str(staging / TAIL_FILE), {"format": "pt"})
+        connector = {
+            k: v.detach().contiguous() for k, v in modules["connector"].state_dict().items()
+        }
+        save_file(connector, str(staging / CONNECTOR_FILE), {"format": "pt"})
+        (staging / PACKAGE_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _load_tail(qwen_path: Path, tail_file: Path) -> Qwen2VLTail:
+    """Qwen2VLTail of the base's architecture holding the package's tensors (strict keys)."""
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+        Qwen2VLDecoderLayer,
+        Qwen2VLRMSNorm,
+        Qwen2VLRotaryEmbedding,
+    )
+
+    text_config = Qwen2VLConfig.from_pretrained(qwen_path).text_config
+    text_config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        layer = Qwen2VLDecoderLayer(text_config, layer_idx=text_config.num_hidden_layers - 1)
+        norm = Qwen2VLRMSNorm(text_config.hidden_size, eps=text_config.rms_norm_eps)
+    state = load_file(str(tail_file))
+    try:
+        layer.load_state_dict(_strip(state, "layer."), strict=True, assign=True)
+        norm.load_state_dict(_strip(state, "norm."), strict=True, assign=True)
+    except RuntimeError as error:
+        raise PackageError(f"{tail_file} does not fit base {qwen_path}: {error}") from None
+    extra = sorted(key for key in state if not key.startswith(("layer.", "norm.")))
+    if extra:
+        raise PackageError(f"{tail_file}: unexpected tensors {extra[:3]}")
+    return Qwen2VLTail(layer, norm, Qwen2VLRotaryEmbedding(config=text_config))
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def _load_connector(connector_file: Path, dims: dict) -> Connector:
+    state = load_file(str(connector_file))
+    with torch.device("meta"):
+        connector = Connector(int(dims["in_features"]), int(dims["out_features"]))
+    try:
+        connector.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        raise PackageError(f"{connector_file} does not fit {PACKAGE_FILE}: {error}") from None
+    return connector

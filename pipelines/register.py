@@ -1,0 +1,250 @@
+"""After training: the model package, the evaluation gate, and the registry version.
+
+    qwenflux register --config tiny      (make demo runs it after training)
+    qwenflux promote --config tiny [--version N]
+
+`run_registration(config)`:
+1. finds the training's final checkpoint (last stage, last step) in `train.storage_path`;
+2. exports the model package (components/model_package.py) to <run.root>/packages/<parent run>;
+3. evaluates the gate on the package as loaded back (what would ship): the validation flow loss
+   on the held-out rows training never saw (fixed sigmas, fixed noise, image-only conditioning)
+   must be at least `registry.min_improvement` below the untrained start's on the same rows;
+4. logs the gate into the training's MLflow parent run and, only if it passed, registers the
+   package as a new version of `registry.model_name` with alias `candidate` and lineage tags.
+Rerunning does not register twice: the version whose training_run_id tag is this training's is
+reused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import PipelineConfig
+from pipelines.train import dataset_root, storage_path, with_absolute_paths
+from pipelines.train_tracking import tracking_uri
+
+PARENT_MARKER = "train_parent_run.json"
+
+
+class TrainingNotFinishedError(RuntimeError):
+    """No final checkpoint (or no training parent run) to register from."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GateResult:
+    """The evaluation gate's verdict and the numbers behind it."""
+
+    passed: bool
+    validation_loss: float
+    base_validation_loss: float
+    improvement: float
+    min_improvement: float
+    per_sigma: dict[float, float]
+
+    def message(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"gate {verdict}: held-out validation loss {self.validation_loss:.4f} vs untrained "
+            f"{self.base_validation_loss:.4f} ({self.improvement:+.1%} better; "
+            f"needs >= {self.min_improvement:.1%})"
+        )
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "validation_loss": self.validation_loss,
+            "base_validation_loss": self.base_validation_loss,
+            "improvement": self.improvement,
+            "passed": float(self.passed),
+        }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RegistrationResult:
+    gate: GateResult
+    package_dir: Path
+    model_name: str
+    version: str | None
+    """The registered version; None when the gate failed."""
+    training_run_id: str
+
+    def format(self) -> str:
+        lines = [self.gate.message(), f"package: {self.package_dir}"]
+        if self.version is None:
+            lines.append("not registered (the gate failed)")
+        else:
+            lines.append(f"registered: models:/{self.model_name}/{self.version} (@candidate)")
+        return "\n".join(lines)
+
+
+def final_checkpoint(config: PipelineConfig) -> Path:
+    """The latest checkpoint folder whose state says the last stage's last step is done."""
+    storage = storage_path(config)
+    if "://" in storage:
+        raise NotImplementedError(
+            f"train.storage_path {storage}: registration reads local checkpoints only so far"
+        )
+    run_dir = Path(storage) / f"{config.run.name}-train"
+    last = len(config.train.stages) - 1
+    final_steps = config.train.stages[-1].num_steps
+    found = []
+    for state_file in sorted(run_dir.glob("checkpoint_*/state.json")):
+        state = json.loads(state_file.read_text())
+        if state.get("stage_index") == last and state.get("next_step") == final_steps:
+            found.append(state_file.parent)
+    if not found:
+        raise TrainingNotFinishedError(
+            f"no final checkpoint (stage {last + 1}, step {final_steps}) under {run_dir}: "
+            "run `qwenflux train` with this config first"
+        )
+    return found[-1]
+
+
+def training_run_id(config: PipelineConfig) -> str:
+    marker = Path(config.run.root) / PARENT_MARKER
+    if not marker.is_file():
+        raise TrainingNotFinishedError(f"{marker} is missing: no training ran in {config.run.root}")
+    return json.loads(marker.read_text())["run_id"]
+
+
+def run_registration(config: PipelineConfig) -> RegistrationResult:
+    """Export, gate and (if passed) register; see the module docstring."""
+    from mlflow.tracking import MlflowClient
+
+    from components.model_package import export_package, load_package
+
+    config = with_absolute_paths(config)
+    checkpoint = final_checkpoint(config)
+    run_id = training_run_id(config)
+    client = MlflowClient(tracking_uri(config))
+    lineage = _lineage(client, run_id)
+    package_dir = Path(config.run.root) / "packages" / run_id
+    if not (package_dir / "package.json").is_file():
+        encode = config.data.encode
+        export_package(
+            checkpoint_dir=checkpoint,
+            qwen2vl=encode.qwen2vl,
+            qwen2vl_revision=encode.qwen2vl_revision,
+            flux=encode.flux,
+            flux_revision=encode.flux_revision,
+            settings=generator_settings(config),
+            lineage=lineage,
+            out_dir=package_dir,
+        )
+    gate = evaluate_gate(config, load_package(package_dir))
+    client.log_batch(run_id, metrics=_metrics({f"gate.{k}": v for k, v in gate.metrics().items()}))
+    version = None
+    if gate.passed:
+        version = _existing_version(client, config.registry.model_name, run_id)
+        if version is None:
+            from components.registry import register_model
+
+            version = register_model(
+                package_dir=package_dir,
+                tracking_uri=tracking_uri(config),
+                model_name=config.registry.model_name,
+                run_id=run_id,
+                gate=gate.metrics(),
+                tags=lineage,
+            )
+    return RegistrationResult(
+        gate=gate,
+        package_dir=package_dir,
+        model_name=config.registry.model_name,
+        version=version,
+        training_run_id=run_id,
+    )
+
+
+def generator_settings(config: PipelineConfig):
+    """How the data was encoded and the model trained, from the dataset's manifest."""
+    from components import shards
+    from components.generator import GeneratorSettings
+
+    encoders = shards.read_manifest(dataset_root(config)).get("encoders", {})
+    return GeneratorSettings(
+        instruction=str(encoders["instruction"]),
+        image_tokens=int(encoders["image_tokens"]),
+        vae_scaling_factor=float(encoders["vae_scaling_factor"]),
+        vae_shift_factor=float(encoders["vae_shift_factor"]),
+        guidance=config.train.objective.guidance,
+    )
+
+
+def evaluate_gate(config: PipelineConfig, parts) -> GateResult:
+    """Held-out validation loss of the package's networks vs the untrained start's."""
+    from components.loader import BucketIndex, ShardReader, load_micro_batch
+    from components.training_loop import QwenFluxModel, validation_losses
+    from pipelines.train_state import build_model
+    from pipelines.train_worker import hold_out
+
+    root = dataset_root(config)
+    base, convention = build_model(config, dataset_root=root)
+    _, validation_refs = hold_out(
+        BucketIndex.from_dataset(root), config.train.num_validation_samples
+    )
+    batch = load_micro_batch(validation_refs, reader=ShardReader())
+    objective = config.train.objective
+    trained = QwenFluxModel(parts.tail, parts.connector, parts.transformer)
+    base_losses = validation_losses(base.eval(), batch, objective=objective, convention=convention)
+    losses = validation_losses(trained.eval(), batch, objective=objective, convention=convention)
+    loss, base_loss = _mean(losses), _mean(base_losses)
+    improvement = 1.0 - loss / base_loss if base_loss > 0 else 0.0
+    passed = math.isfinite(loss) and improvement >= config.registry.min_improvement
+    return GateResult(
+        passed=passed,
+        validation_loss=loss,
+        base_validation_loss=base_loss,
+        improvement=improvement,
+        min_improvement=config.registry.min_improvement,
+        per_sigma=losses,
+    )
+
+
+def run_promotion(config: PipelineConfig, *, version: str | None = None):
+    """`candidate` (or `version`) -> `champion` if its gate loss beats the champion's."""
+    from components.registry import promote
+
+    return promote(
+        tracking_uri=tracking_uri(config),
+        model_name=config.registry.model_name,
+        version=version,
+    )
+
+
+def _lineage(client, run_id: str) -> dict[str, str]:
+    tags = client.get_run(run_id).data.tags
+    lineage = {"training_run_id": run_id}
+    for key in ("git_sha", "config_hash", "data_manifest_id", "preset"):
+        if key in tags:
+            lineage[key] = tags[key]
+    return lineage
+
+
+def _existing_version(client, model_name: str, run_id: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:
+        return None
+    for version in versions:
+        if version.tags.get("training_run_id") == run_id:
+            return str(version.version)
+    return None
+
+
+def _mean(values: dict[Any, float]) -> float:
+    return sum(values.values()) / len(values)
+
+
+def _metrics(values: dict[str, float]):
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, 0) for key, value in values.items()]

@@ -1,0 +1,115 @@
+"""After training, through the registry into batch inference, on the session's tiny trained run:
+gate -> package -> registered version (@candidate) -> promote (@champion) -> `run_inference` over
+the demo's requests (every mode, plus bad requests) -> PNGs + results table; rerun skips
+finished ids; same seed + same version gives the same image."""
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipelines.demo_requests import write_demo_requests
+from pipelines.infer import generate_one, run_inference
+from pipelines.register import run_promotion, run_registration
+from pipelines.train_tracking import tracking_uri
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+GOOD_IDS = {
+    "text-red-circle",
+    "variation-0",
+    "variation-1-seed-3",
+    "image-text-0",
+    "img2img-0",
+    "inpaint-0",
+    "focus-circle-0",
+    "focus-grid-1",
+    "wide-text",
+}
+BAD_FIELDS = {
+    "bad-mode": "mode",
+    "bad-missing-file": "image",
+    "bad-mask-size": "mask",
+    "bad-focus": "focus",
+    "bad-control": "control",
+}
+
+
+@pytest.fixture(scope="module")
+def registered(tiny_trained_run):
+    config, _ = tiny_trained_run
+    return config, run_registration(config)
+
+
+@pytest.fixture(scope="module")
+def requests_file(tiny_data_run, tmp_path_factory):
+    data_config, _ = tiny_data_run
+    return write_demo_requests(
+        tmp_path_factory.mktemp("requests"), data_root=Path(data_config.run.root) / "data"
+    )
+
+
+def test_gate_passes_and_registers_one_candidate_with_lineage(registered):
+    config, result = registered
+    print(result.format())
+    assert result.gate.passed and result.version is not None
+    client = MlflowClient(tracking_uri(config))
+    version = client.get_model_version(config.registry.model_name, result.version)
+    assert "candidate" in version.aliases
+    assert version.tags["training_run_id"] == result.training_run_id
+    for key in ("git_sha", "config_hash", "data_manifest_id"):
+        assert version.tags[key]
+    metrics = client.get_run(result.training_run_id).data.metrics
+    assert metrics["gate.validation_loss"] == pytest.approx(result.gate.validation_loss)
+    again = run_registration(config)
+    assert again.version == result.version, "a rerun registered a second version"
+
+
+def test_batch_inference_runs_every_mode_and_reports_bad_requests(
+    registered, requests_file, tmp_path
+):
+    config, result = registered
+    decision = run_promotion(config)
+    print(decision.message)
+    model = f"models:/{config.registry.model_name}@champion"
+    out = tmp_path / "out"
+    summary = run_inference(
+        config, model=model, requests=requests_file, out_dir=out, show_progress=False
+    )
+    print(summary.format())
+    assert summary.model.version == result.version
+    assert (summary.ok, summary.failed, summary.skipped) == (len(GOOD_IDS), len(BAD_FIELDS), 0)
+    rows = {row["id"]: row for row in pq.read_table(out / "results.parquet").to_pylist()}
+    assert set(rows) == GOOD_IDS | set(BAD_FIELDS)
+    for identifier in GOOD_IDS:
+        row = rows[identifier]
+        assert row["status"] == "ok", row
+        with Image.open(out / row["image_path"]) as image:
+            assert image.size == (row["width"], row["height"])
+        assert row["model_version"] == result.version
+    for identifier, field in BAD_FIELDS.items():
+        assert rows[identifier]["status"] == "error"
+        assert rows[identifier]["error_field"] == field, rows[identifier]
+    assert rows["wide-text"]["width"] == 2 * rows["wide-text"]["height"]
+
+    rerun = run_inference(
+        config, model=model, requests=requests_file, out_dir=out, show_progress=False
+    )
+    assert (rerun.ok, rerun.skipped) == (0, len(GOOD_IDS)), "the rerun redid finished ids"
+
+
+def test_same_seed_and_version_give_the_same_image(registered, requests_file, tmp_path):
+    config, result = registered
+    model = f"models:/{config.registry.model_name}/{result.version}"
+    row = {"mode": "variation", "image": str(requests_file.parent / "reference-0.png")}
+    images = []
+    for name, seed in (("a", 11), ("b", 11), ("c", 12)):
+        done = generate_one(
+            config, model=model, row={**row, "id": name, "seed": seed}, out_dir=tmp_path / name
+        )
+        assert done["status"] == "ok", done
+        images.append((tmp_path / name / done["image_path"]).read_bytes())
+    assert images[0] == images[1]
+    assert images[0] != images[2]

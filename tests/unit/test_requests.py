@@ -1,0 +1,154 @@
+"""Request rows -> GenerationRequest or a RequestError naming the field (components/requests.py)."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from components.generator import FocusCircle, FocusGrid
+from components.loopback_server import LoopbackServer
+from components.requests import (
+    RequestDefaults,
+    RequestError,
+    parse_request,
+    read_request_rows,
+    request_id,
+)
+from components.url_policy import UrlPolicyConfig
+
+DEFAULTS = RequestDefaults(max_side_px=128, steps=4, max_steps=20)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    Image.new("RGB", (96, 64), (200, 10, 10)).save(tmp_path / "wide.png")
+    Image.new("L", (96, 64), 255).save(tmp_path / "mask.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "small-mask.png")
+    (tmp_path / "not-an-image.png").write_bytes(b"this is text, not a PNG")
+    return tmp_path
+
+
+def parse(row, folder, defaults=DEFAULTS):
+    return parse_request(row, base_dir=folder, defaults=defaults)
+
+
+def test_jsonl_keeps_malformed_lines_as_rows_that_fail(tmp_path):
+    path = tmp_path / "requests.jsonl"
+    path.write_text('{"id": "a", "mode": "text", "prompt": "x"}\n{broken\n\n[1, 2]\n')
+    rows = read_request_rows(path)
+    assert [request_id(row, i) for i, row in enumerate(rows)] == ["a", "line-2", "line-4"]
+    for row in rows[1:]:
+        with pytest.raises(RequestError) as caught:
+            parse(row, tmp_path)
+        assert caught.value.field == "row"
+
+
+def test_parquet_rows_and_ids_by_position(tmp_path):
+    path = tmp_path / "requests.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": None, "mode": "text", "prompt": "x"}]), path)
+    rows = read_request_rows(path)
+    assert request_id(rows[0], 7) == "row-7"
+    csv = tmp_path / "requests.csv"
+    csv.write_text("id\n")
+    with pytest.raises(ValueError, match="expected .parquet or .jsonl"):
+        read_request_rows(csv)
+
+
+def test_sizes_from_aspect_names_explicit_sizes_and_the_reference_image(folder):
+    square = parse({"mode": "text", "prompt": "x"}, folder)
+    assert (square.width, square.height) == (128, 128)
+    wide = parse({"mode": "text", "prompt": "x", "aspect": "2:1"}, folder)
+    assert (wide.width, wide.height) == (128, 64)
+    explicit = parse({"mode": "text", "prompt": "x", "aspect": "64x32"}, folder)
+    assert (explicit.width, explicit.height) == (64, 32)
+    from_image = parse({"mode": "variation", "image": "wide.png"}, folder)
+    assert from_image.width / from_image.height > 1.3  # nearest bucket of a 3:2 image
+    assert from_image.steps == DEFAULTS.steps and from_image.image.mode == "RGB"
+
+
+def test_focus_json_and_objects(folder):
+    circle = parse(
+        {
+            "mode": "variation",
+            "image": "wide.png",
+            "focus": '{"center_x": 0.5, "center_y": 0.25, "radius": 0.3}',
+        },
+        folder,
+    )
+    assert circle.focus == FocusCircle(center_x=0.5, center_y=0.25, radius=0.3)
+    grid = parse(
+        {
+            "mode": "variation",
+            "image": "wide.png",
+            "focus": {"rows": 2, "columns": 3, "cells": [[0, 1]]},
+        },
+        folder,
+    )
+    assert grid.focus == FocusGrid(rows=2, columns=3, cells=((0, 1),))
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ({"mode": "text", "prompt": "x", "colour": "red"}, "colour"),
+        ({"mode": "sketch", "prompt": "x"}, "mode"),
+        ({"mode": "text"}, "prompt"),
+        ({"mode": "variation", "image": "missing.png"}, "image"),
+        ({"mode": "variation", "image": "not-an-image.png"}, "image"),
+        ({"mode": "variation", "image": 3}, "image"),
+        ({"mode": "inpaint", "image": "wide.png", "mask": "small-mask.png"}, "mask"),
+        ({"mode": "inpaint", "image": "wide.png"}, "mask"),
+        ({"mode": "variation", "image": "wide.png", "focus": "{not json"}, "focus"),
+        ({"mode": "variation", "image": "wide.png", "focus": {"radius": 1}}, "focus"),
+        (
+            {
+                "mode": "variation",
+                "image": "wide.png",
+                "focus": {"center_x": 2, "center_y": 0.5, "radius": 0.2},
+            },
+            "focus",
+        ),
+        ({"mode": "text", "prompt": "x", "aspect": "3:7"}, "aspect"),
+        ({"mode": "text", "prompt": "x", "aspect": "4096x4096"}, "aspect"),
+        ({"mode": "text", "prompt": "x", "steps": 500}, "steps"),
+        ({"mode": "text", "prompt": "x", "steps": 2.5}, "steps"),
+        ({"mode": "text", "prompt": "x", "seed": "seven"}, "seed"),
+        ({"mode": "img2img", "image": "wide.png", "strength": 1.5}, "strength"),
+        ({"mode": "text", "prompt": "x", "control": {"depth": "d.png"}}, "control"),
+        ({"mode": "variation", "image": "http://169.254.169.254/latest/x.png"}, "image"),
+        ({"mode": "variation", "image": "ftp://example.com/x.png"}, "image"),
+    ],
+)
+def test_bad_rows_name_their_field(folder, row, field):
+    with pytest.raises(RequestError) as caught:
+        parse(row, folder)
+    assert caught.value.field == field, str(caught.value)
+
+
+def test_urls_are_fetched_only_where_the_policy_allows(folder):
+    with LoopbackServer(folder) as server:
+        row = {"mode": "variation", "image": server.url("wide.png")}
+        with pytest.raises(RequestError, match="loopback"):
+            parse(row, folder)
+        allowed = RequestDefaults(
+            max_side_px=128, steps=4, url_policy=UrlPolicyConfig(allow_hosts=("127.0.0.1",))
+        )
+        request = parse(row, folder, allowed)
+        assert request.image.size == (96, 64)
+        missing = {"mode": "variation", "image": server.url("nothing-here.png")}
+        with pytest.raises(RequestError) as caught:
+            parse(missing, folder, allowed)
+        assert caught.value.field == "image"
+        redirected = {"mode": "variation", "image": f"{server.base_url}/redirect?to=/wide.png"}
+        with pytest.raises(RequestError, match="redirect"):
+            parse(redirected, folder, allowed)
+
+
+def test_a_row_read_back_from_jsonl_parses(folder):
+    row = {"id": "r1", "mode": "image_text", "image": "wide.png", "prompt": "a cat", "seed": 3}
+    (folder / "one.jsonl").write_text(json.dumps(row) + "\n")
+    (read,) = read_request_rows(folder / "one.jsonl")
+    request = parse(read, folder)
+    assert (request.mode, request.prompt, request.seed) == ("image_text", "a cat", 3)
