@@ -35,7 +35,36 @@ def write_demo_requests(folder: Path, *, data_root: Path) -> Path:
     )
     mask.save(folder / "mask-0.png")
     Image.new("L", (first.width + 16, first.height), 255).save(folder / "mask-wrong-size.png")
-    good = [
+    rows = _good_requests(names) + _bad_requests(names)
+    path = folder / "requests.jsonl"
+    temporary = folder / ".requests.jsonl.tmp"
+    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(temporary, path)
+    return path
+
+
+def _reference_images(corpus: Path) -> list[Image.Image]:
+    """The first corpus images of a trainable size and aspect (the corpus also holds broken and
+    extreme files on purpose)."""
+    found = []
+    for path in sorted(corpus.glob("img_*")):
+        try:
+            with Image.open(path) as opened:
+                if not (64 <= min(opened.size) and max(opened.size) <= 1024):
+                    continue
+                if not 0.5 <= opened.width / opened.height <= 2.0:
+                    continue
+                found.append(opened.convert("RGB"))
+        except OSError:
+            continue
+        if len(found) == REFERENCE_COUNT:
+            return found
+    raise FileNotFoundError(f"{corpus}: fewer than {REFERENCE_COUNT} usable reference images")
+
+
+def _good_requests(names: list[str]) -> list[dict]:
+    """One request per mode (and focus kind), plus a non-square aspect."""
+    return [
         {
             "id": "text-red-circle",
             "mode": "text",
@@ -82,7 +111,11 @@ def write_demo_requests(folder: Path, *, data_root: Path) -> Path:
             "seed": 9,
         },
     ]
-    bad = [
+
+
+def _bad_requests(names: list[str]) -> list[dict]:
+    """Requests that must each end as an error row naming their field."""
+    return [
         {"id": "bad-mode", "mode": "sketch", "prompt": "anything"},
         {"id": "bad-missing-file", "mode": "variation", "image": "no-such-image.png"},
         {
@@ -104,27 +137,3 @@ def write_demo_requests(folder: Path, *, data_root: Path) -> Path:
             "control": {"depth": "depth.png"},
         },
     ]
-    path = folder / "requests.jsonl"
-    temporary = folder / ".requests.jsonl.tmp"
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in good + bad))
-    os.replace(temporary, path)
-    return path
-
-
-def _reference_images(corpus: Path) -> list[Image.Image]:
-    """The first corpus images of a trainable size and aspect (the corpus also holds broken and
-    extreme files on purpose)."""
-    found = []
-    for path in sorted(corpus.glob("img_*")):
-        try:
-            with Image.open(path) as opened:
-                if not (64 <= min(opened.size) and max(opened.size) <= 1024):
-                    continue
-                if not 0.5 <= opened.width / opened.height <= 2.0:
-                    continue
-                found.append(opened.convert("RGB"))
-        except OSError:
-            continue
-        if len(found) == REFERENCE_COUNT:
-            return found
-    raise FileNotFoundError(f"{corpus}: fewer than {REFERENCE_COUNT} usable reference images")
