@@ -19,6 +19,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+from components.control import (
+    DEPTH_DETECTOR_MISSING,
+    ControlInput,
+    DepthDetector,
+    check_controls,
+    control_map,
+    union_mode,
+)
 from components.encode import EncodeConfig, SampleEncoder
 from model.conditioning import image_token_states, real_token_states
 from model.flow_matching import (
@@ -30,7 +38,12 @@ from model.flow_matching import (
     unpack_latents,
     unscale_latents,
 )
-from model.flux_forward import FluxConditioning, predict_velocity
+from model.flux_forward import (
+    ControlCondition,
+    FluxConditioning,
+    control_residuals,
+    predict_velocity,
+)
 from model.generation import (
     LATENT_SIDE_MULTIPLE,
     apply_focus,
@@ -86,6 +99,10 @@ class GeneratorParts:
     """Registered model name (results carry it); empty outside the registry."""
     version: str = ""
     """Registered model version."""
+    controlnet: nn.Module | None = None
+    """Frozen FLUX ControlNet (FluxControlNetModel); None = control requests are refused."""
+    depth_detector: DepthDetector | None = None
+    """Depth estimator for 'depth' controls given as source pictures."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -127,6 +144,8 @@ class GenerationRequest:
     steps: int = 28
     guidance: float | None = None
     """None = the package's default."""
+    control: tuple[ControlInput, ...] = ()
+    """ControlNet controls (any mode); their residuals are summed at every Euler step."""
 
 
 REFERENCE_MODES = ("variation", "image_text", "img2img", "inpaint")
@@ -159,6 +178,7 @@ def validate_request(request: GenerationRequest) -> None:
     _check_inputs(request)
     if request.focus is not None:
         _check_focus(request)
+    check_controls(request.control)
 
 
 def _is_int(value: object) -> bool:
@@ -308,9 +328,10 @@ class Generator:
     def _prepare_trained_parts(self) -> None:
         parts = self.parts
         # The rope's inverse frequencies stay float32 (as load_qwen2vl_tail keeps them).
-        cast = [parts.transformer, parts.connector]
+        frozen = [parts.controlnet] if parts.controlnet is not None else []
+        cast = [parts.transformer, parts.connector, *frozen]
         cast += [child for name, child in parts.tail.named_children() if name != "rotary_emb"]
-        for module in (parts.transformer, parts.connector, parts.tail):
+        for module in (parts.transformer, parts.connector, parts.tail, *frozen):
             module.to(device=self.device).eval().requires_grad_(False)
         for module in cast:
             if any(param.dtype != self.dtype for param in module.parameters()):
@@ -334,8 +355,10 @@ class Generator:
         latent_height, latent_width = latent_size(
             request.width, request.height, vae_scale_factor=self.vae_scale_factor
         )
+        self.check_supported(request)
         reference = self._reference_image(request)
         conditioning = self._conditioning(request, reference)
+        controls = self._control_conditions(request)
         seeded = torch.Generator("cpu").manual_seed(int(request.seed))
         noise_BCHW = torch.randn(
             (1, self.latent_channels, latent_height, latent_width),
@@ -346,7 +369,9 @@ class Generator:
         image_ids_L3 = latent_image_ids(latent_height, width_latent=latent_width).to(self.device)
         sigmas_N1 = flux_sigmas(request.steps, mu=resolution_shift_mu(noise_BLC.shape[1]))
         sigmas_N1 = sigmas_N1.to(self.device)
-        velocity = partial(self._velocity, image_ids_L3=image_ids_L3, conditioning=conditioning)
+        velocity = partial(
+            self._velocity, image_ids_L3=image_ids_L3, conditioning=conditioning, controls=controls
+        )
         if request.mode in INIT_IMAGE_MODES:
             packed_BLC = self._sample_from_init(
                 request, reference, velocity=velocity, noise_BLC=noise_BLC, sigmas_N1=sigmas_N1
@@ -368,6 +393,49 @@ class Generator:
         pixels = self.encoder.vae.decode(raw_BCHW.to(self.device, self.dtype)).sample
         array = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return [Image.fromarray(image) for image in array.permute(0, 2, 3, 1).cpu().numpy()]
+
+    def check_supported(self, request: GenerationRequest) -> None:
+        """What this generator's parts can do: ValueError "control: ..." for a control request
+        without a ControlNet, or a depth source picture without a depth detector."""
+        if not request.control:
+            return
+        if self.parts.controlnet is None:
+            raise ValueError(
+                "control: no ControlNet is configured (infer.controlnet), so control requests "
+                "cannot be generated"
+            )
+        needs_depth = any(c.kind == "depth" and not c.preprocessed for c in request.control)
+        if needs_depth and self.parts.depth_detector is None:
+            raise ValueError(DEPTH_DETECTOR_MISSING)
+
+    @torch.inference_mode()
+    def control_maps(self, request: GenerationRequest) -> list[Image.Image]:
+        """The RGB control map of each control, at the output size (detectors applied)."""
+        size = (int(request.width), int(request.height))
+        depth = self.parts.depth_detector
+        return [control_map(control, size=size, depth=depth) for control in request.control]
+
+    def _control_conditions(self, request: GenerationRequest) -> list[ControlCondition]:
+        """Each control map VAE-encoded (posterior mean), scaled and packed like the latents."""
+        if not request.control:
+            return []
+        settings = self.parts.settings
+        conditions = []
+        for control, image in zip(request.control, self.control_maps(request), strict=True):
+            raw_BCHW = self.encoder.encode_latents([image])[0][None]
+            scaled = scale_latents(
+                raw_BCHW,
+                scaling_factor=settings.vae_scaling_factor,
+                shift_factor=settings.vae_shift_factor,
+            )
+            conditions.append(
+                ControlCondition(
+                    image_BLC=pack_latents(scaled).to(self.device, self.dtype),
+                    mode=union_mode(self.parts.controlnet, control.kind),
+                    strength=float(control.strength),
+                )
+            )
+        return conditions
 
     def _reference_image(self, request: GenerationRequest) -> Image.Image | None:
         if request.image is None or request.mode not in REFERENCE_MODES:
@@ -444,14 +512,27 @@ class Generator:
         *,
         image_ids_L3: torch.Tensor,
         conditioning: FluxConditioning,
+        controls: Sequence[ControlCondition] = (),
     ) -> torch.Tensor:
-        # The sample stays float32 between steps; only the transformer runs in compute dtype.
+        # The sample stays float32 between steps; only the networks run in compute dtype.
+        sample_BLC = sample_BLC.to(self.dtype)
+        residuals = None
+        if controls:
+            residuals = control_residuals(
+                self.parts.controlnet,
+                sample_BLC,
+                image_ids_L3=image_ids_L3,
+                sigmas_B=sigmas_B,
+                conditioning=conditioning,
+                controls=list(controls),
+            )
         velocity_BLC = predict_velocity(
             self.parts.transformer,
-            sample_BLC.to(self.dtype),
+            sample_BLC,
             image_ids_L3=image_ids_L3,
             sigmas_B=sigmas_B,
             conditioning=conditioning,
+            control=residuals,
         )
         return velocity_BLC.float()
 

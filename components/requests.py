@@ -3,7 +3,9 @@ GenerationRequest, or into a RequestError naming the field that is wrong.
 
 A row: id, mode, prompt, image / mask (a path relative to the requests file, or an http(s) URL
 checked by the URL policy), strength, focus (JSON: {"center_x", "center_y", "radius"} or
-{"rows", "columns", "cells": [[row, column], ...]}), control, aspect ("16:9", one of the report's
+{"rows", "columns", "cells": [[row, column], ...]}), control (a list, or JSON text of a list, of
+{"kind": "depth" | "line", "image": path or URL, "strength": 0..2 (default 1), "preprocessed":
+true when the image already is the control map}), aspect ("16:9", one of the report's
 ratios, or "WxH"), seed, steps, guidance. Missing optional fields take the defaults. A broken row
 never raises out of `parse_request` as anything but RequestError, so one bad request cannot stop
 a batch.
@@ -23,6 +25,7 @@ from typing import Any
 from PIL import Image
 
 from components.buckets import BucketConfig, build_buckets, nearest_bucket
+from components.control import ControlInput
 from components.generator import FocusCircle, FocusGrid, GenerationRequest
 from components.url_policy import UrlPolicyConfig, check_url
 
@@ -131,10 +134,6 @@ def parse_request(
     unknown = sorted(set(row) - set(REQUEST_FIELDS))
     if unknown:
         raise RequestError(unknown[0], f"unknown field (known: {', '.join(REQUEST_FIELDS)})")
-    if _present(row.get("control")):
-        raise RequestError(
-            "control", "ControlNet control images are not supported by this model package"
-        )
     mode = _text(row, "mode", "")
     image = _load_image(row.get("image"), "image", base_dir=base_dir, defaults=defaults)
     mask = _load_image(row.get("mask"), "mask", base_dir=base_dir, defaults=defaults)
@@ -148,6 +147,7 @@ def parse_request(
         mask=mask.convert("L") if mask is not None else None,
         strength=_number(row, "strength", defaults.strength, float),
         focus=_focus(row.get("focus")),
+        control=_controls(row.get("control"), base_dir=base_dir, defaults=defaults),
         seed=_number(row, "seed", 0, int),
         steps=_number(row, "steps", defaults.steps, int),
         guidance=_number(row, "guidance", None, float),
@@ -235,6 +235,51 @@ def _focus(value: Any) -> FocusCircle | FocusGrid | None:
     except (TypeError, ValueError) as error:
         raise RequestError("focus", f"bad values: {error}") from None
     raise RequestError("focus", "expected {center_x, center_y, radius} or {rows, columns, cells}")
+
+
+CONTROL_KEYS = ("kind", "image", "strength", "preprocessed")
+
+
+def _controls(value: Any, *, base_dir: Path, defaults: RequestDefaults) -> tuple[ControlInput, ...]:
+    """The row's controls; kind, strength and preprocessed are checked by validate_request."""
+    if not _present(value):
+        return ()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as error:
+            raise RequestError("control", f"not valid JSON: {error}") from None
+    if isinstance(value, tuple) or type(value).__name__ == "ndarray":
+        value = list(value)
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise RequestError(
+            "control", 'expected a list of {"kind", "image", "strength", "preprocessed"} objects'
+        )
+    controls = []
+    for index, item in enumerate(value):
+        item = {key: entry for key, entry in item.items() if _present(entry) or entry is False}
+        unknown = sorted(set(item) - set(CONTROL_KEYS))
+        if unknown:
+            raise RequestError(
+                "control",
+                f"control {index}: unknown key {unknown[0]!r} (known: {', '.join(CONTROL_KEYS)})",
+            )
+        for key in ("kind", "image"):
+            if key not in item:
+                raise RequestError("control", f"control {index}: {key!r} is required")
+        image = _load_image(item["image"], "control", base_dir=base_dir, defaults=defaults)
+        strength = item.get("strength", 1.0)
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+            raise RequestError("control", f"control {index}: strength must be a number")
+        controls.append(
+            ControlInput(
+                kind=item["kind"],
+                image=image.convert("RGB"),
+                strength=float(strength),
+                preprocessed=item.get("preprocessed", False),
+            )
+        )
+    return tuple(controls)
 
 
 def _load_image(

@@ -7,6 +7,10 @@ Input: an output folder and a seed. Output (deterministic from the seed, byte-id
                    tokens and chat template, chat_template.json, preprocessor_config.json.
   <out>/flux/      diffusers layout of black-forest-labs/FLUX.1-dev: model_index.json,
                    transformer/ (sharded), vae/, text_encoder/ + tokenizer/ (CLIP), scheduler/.
+  <out>/controlnet/ diffusers FluxControlNetModel layout (config.json +
+                   diffusion_pytorch_model.safetensors): a union ControlNet at the tiny FLUX dims.
+  <out>/depth-anything/ transformers layout of depth-anything/Depth-Anything-V2-*-hf
+                   (DepthAnythingForDepthEstimation + DPTImageProcessor preprocessor_config.json).
   <out>/tiny_models.json  marker written last; a build with the same seed is skipped.
 Everything loads back through the usual from_pretrained calls.
 """
@@ -21,20 +25,27 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxTransformer2DModel,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     CLIPTextModel,
     CLIPTokenizer,
+    DepthAnythingForDepthEstimation,
     Qwen2Tokenizer,
     Qwen2VLForConditionalGeneration,
 )
+from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from model import presets
 
 MARKER_NAME = "tiny_models.json"
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2
 QWEN2VL_SHARD_SIZE = "40KB"
 FLUX_SHARD_SIZE = "120KB"
 
@@ -75,12 +86,23 @@ class TinyModelPaths:
     root: Path
     qwen2vl: Path
     flux: Path
+    controlnet: Path | None = None
+    """Tiny union FLUX ControlNet (None for bases assembled without one)."""
+    depth: Path | None = None
+    """Tiny Depth Anything depth estimator."""
 
 
 def build_tiny_models(out_dir: Path, *, seed: int = 0) -> TinyModelPaths:
-    """Write tiny Qwen2-VL and FLUX checkpoints under out_dir (skipped if already built)."""
+    """Write tiny Qwen2-VL, FLUX, ControlNet and depth checkpoints under out_dir (skipped if
+    already built)."""
     out_dir = Path(out_dir)
-    paths = TinyModelPaths(root=out_dir, qwen2vl=out_dir / "qwen2-vl", flux=out_dir / "flux")
+    paths = TinyModelPaths(
+        root=out_dir,
+        qwen2vl=out_dir / "qwen2-vl",
+        flux=out_dir / "flux",
+        controlnet=out_dir / "controlnet",
+        depth=out_dir / "depth-anything",
+    )
     marker = _marker_content(seed)
     marker_path = out_dir / MARKER_NAME
     if marker_path.is_file() and json.loads(marker_path.read_text()) == marker:
@@ -91,7 +113,9 @@ def build_tiny_models(out_dir: Path, *, seed: int = 0) -> TinyModelPaths:
     shutil.rmtree(staging, ignore_errors=True)
     _write_qwen2vl(staging / "qwen2-vl", seed=seed)
     _write_flux(staging / "flux", seed=seed)
-    for final in (paths.qwen2vl, paths.flux):
+    _write_controlnet(staging / paths.controlnet.name, seed=seed)
+    _write_depth(staging / paths.depth.name, seed=seed)
+    for final in (paths.qwen2vl, paths.flux, paths.controlnet, paths.depth):
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging / final.name, final)
     staging.rmdir()
@@ -107,6 +131,9 @@ def _marker_content(seed: int) -> dict:
             presets.tiny_flux_transformer_kwargs(),
             presets.tiny_vae_kwargs(),
             presets.tiny_clip_text_config().to_dict(),
+            presets.tiny_controlnet_kwargs(),
+            presets.tiny_depth_config().to_dict(),
+            presets.depth_processor_kwargs(presets.TINY_DEPTH_PROCESSOR_SIDE),
         ],
         sort_keys=True,
         default=str,
@@ -175,6 +202,28 @@ def _write_flux(out: Path, *, seed: int) -> None:
         out / "scheduler"
     )
     _write_json_atomic(out / "model_index.json", _flux_model_index())
+
+
+def _write_controlnet(out: Path, *, seed: int) -> None:
+    torch.manual_seed(seed + 4)
+    controlnet = FluxControlNetModel(**presets.tiny_controlnet_kwargs())
+    # diffusers zero-initialises the residual projections (a ControlNet starts as a no-op); a
+    # trained one is not zero, so the tiny one gets small random values there: otherwise every
+    # control would add exactly nothing and no test could see it work.
+    zero_started = [*controlnet.controlnet_blocks, *controlnet.controlnet_single_blocks]
+    zero_started.append(controlnet.controlnet_x_embedder)
+    with torch.no_grad():
+        for layer in zero_started:
+            layer.weight.normal_(0.0, 0.2)
+            layer.bias.normal_(0.0, 0.02)
+    controlnet.save_pretrained(out)
+
+
+def _write_depth(out: Path, *, seed: int) -> None:
+    torch.manual_seed(seed + 5)
+    DepthAnythingForDepthEstimation(presets.tiny_depth_config()).save_pretrained(out)
+    processor_kwargs = presets.depth_processor_kwargs(presets.TINY_DEPTH_PROCESSOR_SIDE)
+    DPTImageProcessorPil(**processor_kwargs).save_pretrained(out)
 
 
 def _build_clip_tokenizer() -> CLIPTokenizer:

@@ -22,6 +22,13 @@ guidance value. We pass it explicitly from the training config (guidance_B, e.g.
 FLUX training scripts default to; fine-tunes that feed 1.0 are known to drift); None only for a
 transformer built without guidance embeddings.
 
+ControlNet (diffusers FluxControlNetModel, fed as FluxControlNetPipeline feeds it): the control
+image's packed VAE latent [B, L, C] is added to the ControlNet's embedded sample; a union
+ControlNet also prepends its mode embedding as one extra text token (so a text-key mask gains one
+True column in front). Its outputs, one residual per ControlNet block, are scaled by the control's
+strength; several controls are summed block by block; FluxTransformer2DModel adds residual
+i // ceil(num_blocks / num_residuals) after each of its blocks.
+
 Legend: B batch, L packed image tokens, C packed channels (64), T text tokens, S joint sequence
 (T + L), D FLUX joint_attention_dim, P pooled projection width.
 """
@@ -46,6 +53,80 @@ class FluxConditioning:
     mask_BT: torch.Tensor
     pooled_BP: torch.Tensor
     guidance_B: torch.Tensor | None
+
+
+@dataclass(frozen=True, slots=True)
+class ControlCondition:
+    """One control: packed, scaled VAE latent of the control image [B, L, C], the union mode id
+    (None for a single-purpose ControlNet) and the strength its residuals are scaled by."""
+
+    image_BLC: torch.Tensor
+    mode: int | None
+    strength: float
+
+
+@dataclass(frozen=True, slots=True)
+class ControlResiduals:
+    """Summed ControlNet residuals: one [B, L, D] per ControlNet double / single block."""
+
+    double_blocks: list[torch.Tensor]
+    single_blocks: list[torch.Tensor]
+
+
+def control_residuals(
+    controlnet: torch.nn.Module,
+    packed_latents_BLC: torch.Tensor,
+    *,
+    image_ids_L3: torch.Tensor,
+    sigmas_B: torch.Tensor,
+    conditioning: FluxConditioning,
+    controls: list[ControlCondition],
+) -> ControlResiduals:
+    """Run the ControlNet once per control (same noisy sample, conditioning and timestep as the
+    transformer) and sum the strength-scaled residuals."""
+    if not controls:
+        raise ValueError("control_residuals needs at least one control")
+    union = bool(getattr(controlnet, "union", False))
+    mask_BT = conditioning.mask_BT
+    if union:
+        mask_BT = torch.cat([mask_BT.new_ones(mask_BT.shape[0], 1), mask_BT.bool()], dim=1)
+    key_mask_B11S = joint_attention_mask(mask_BT, num_image_tokens=packed_latents_BLC.shape[1])
+    num_text_tokens = conditioning.hidden_BTD.shape[1]
+    summed: ControlResiduals | None = None
+    for control in controls:
+        if union and control.mode is None:
+            raise ValueError("a union ControlNet needs a mode id for every control")
+        mode_B1 = None
+        if union:
+            mode_B1 = torch.full(
+                (packed_latents_BLC.shape[0], 1), control.mode, device=packed_latents_BLC.device
+            )
+        double_blocks, single_blocks = controlnet(
+            hidden_states=packed_latents_BLC,
+            controlnet_cond=control.image_BLC.to(packed_latents_BLC),
+            controlnet_mode=mode_B1,
+            conditioning_scale=float(control.strength),
+            encoder_hidden_states=conditioning.hidden_BTD,
+            pooled_projections=conditioning.pooled_BP,
+            timestep=sigmas_B,
+            img_ids=image_ids_L3,
+            txt_ids=text_ids(num_text_tokens).to(image_ids_L3),
+            guidance=conditioning.guidance_B,
+            joint_attention_kwargs=None
+            if key_mask_B11S is None
+            else {"attention_mask": key_mask_B11S},
+            return_dict=False,
+        )
+        current = ControlResiduals(list(double_blocks or []), list(single_blocks or []))
+        summed = current if summed is None else _add_residuals(summed, current)
+    return summed
+
+
+def _add_residuals(first: ControlResiduals, second: ControlResiduals) -> ControlResiduals:
+    return ControlResiduals(
+        [a + b for a, b in zip(first.double_blocks, second.double_blocks, strict=True)],
+        [a + b for a, b in zip(first.single_blocks, second.single_blocks, strict=True)],
+    )
 
 
 def joint_attention_mask(
@@ -79,9 +160,11 @@ def predict_velocity(
     image_ids_L3: torch.Tensor,
     sigmas_B: torch.Tensor,
     conditioning: FluxConditioning,
+    control: ControlResiduals | None = None,
 ) -> torch.Tensor:
     """FLUX's velocity prediction [B, L, C] at noise levels sigmas_B (timestep = sigma in [0, 1];
-    the transformer scales by 1000), honouring the text padding mask in joint attention."""
+    the transformer scales by 1000), honouring the text padding mask in joint attention; with
+    `control`, the ControlNet residuals are added after the transformer's blocks."""
     _check_guidance(transformer, conditioning.guidance_B)
     num_text_tokens = conditioning.hidden_BTD.shape[1]
     key_mask_B11S = joint_attention_mask(
@@ -96,6 +179,8 @@ def predict_velocity(
         txt_ids=text_ids(num_text_tokens).to(image_ids_L3),
         guidance=conditioning.guidance_B,
         joint_attention_kwargs=None if key_mask_B11S is None else {"attention_mask": key_mask_B11S},
+        controlnet_block_samples=(control.double_blocks or None) if control else None,
+        controlnet_single_block_samples=(control.single_blocks or None) if control else None,
         return_dict=False,
     )
     return output[0]

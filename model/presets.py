@@ -6,7 +6,7 @@ scheduler). The tiny models mirror the real layouts (16 latent channels, /8 VAE,
 patches, 3-D mrope) with dims small enough for CPU tests (< 1M params excluding vocab embeddings).
 """
 
-from transformers import CLIPTextConfig, Qwen2VLConfig
+from transformers import CLIPTextConfig, DepthAnythingConfig, Dinov2Config, Qwen2VLConfig
 
 QWEN2VL_REAL_ID = "Qwen/Qwen2-VL-7B-Instruct"
 QWEN2VL_REAL_HIDDEN_SIZE = 3584
@@ -173,4 +173,57 @@ def flux_scheduler_kwargs() -> dict:
         "max_shift": 1.15,
         "base_image_seq_len": 256,
         "max_image_seq_len": 4096,
+    }
+
+
+# ControlNet and depth estimator (frozen bases configured at inference time, not trained here).
+CONTROLNET_UNION_NUM_MODES = 10
+"""Mode-embedding rows of the FLUX.1-dev union ControlNets (InstantX layout: canny 0, tile 1,
+depth 2, blur 3, pose 4, gray 5, low quality 6; the rest unused)."""
+DEPTH_PROCESSOR_SIDE = 518
+"""Depth Anything V2's processor side (a multiple of its 14 px patches)."""
+TINY_DEPTH_PROCESSOR_SIDE = 56
+
+
+def tiny_controlnet_kwargs() -> dict:
+    """FluxControlNetModel kwargs: the tiny FLUX transformer's dims (so residuals add onto its
+    hidden states) with 2 double + 2 single blocks and a union mode embedding."""
+    kwargs = tiny_flux_transformer_kwargs()
+    kwargs.update(num_layers=2, num_single_layers=2, num_mode=CONTROLNET_UNION_NUM_MODES)
+    return kwargs
+
+
+def tiny_depth_config() -> DepthAnythingConfig:
+    """Depth Anything (V2 layout: DINOv2 backbone + DPT neck + relative-depth head), tiny."""
+    backbone = Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        patch_size=14,
+        image_size=TINY_DEPTH_PROCESSOR_SIDE,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    return DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=16,
+        neck_hidden_sizes=[8, 8, 16, 16],
+        fusion_hidden_size=8,
+        head_hidden_size=8,
+        depth_estimation_type="relative",
+    )
+
+
+def depth_processor_kwargs(side: int) -> dict:
+    """DPTImageProcessor kwargs of Depth Anything V2 at a given side (518 real, 56 tiny)."""
+    return {
+        "do_resize": True,
+        "size": {"height": side, "width": side},
+        "keep_aspect_ratio": True,
+        "ensure_multiple_of": 14,
+        "resample": 3,
+        "do_pad": False,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
     }

@@ -234,6 +234,12 @@ class InferConfig:
     """Torch device of the actors ("cuda" with gpus_per_actor > 0)."""
     compute_dtype: str = "float32"
     """Dtype of generation ("bfloat16" on GPU)."""
+    controlnet: str = ""
+    """FLUX ControlNet (diffusers FluxControlNetModel layout; local folder or hub id in the HF
+    cache) for `control` requests; empty = such requests fail with a per-row "control" error."""
+    depth_detector: str = ""
+    """Depth estimator (transformers AutoModelForDepthEstimation layout) for 'depth' controls
+    given as source pictures; empty = only preprocessed depth maps are accepted."""
     requests: RequestDefaults
 
     def __post_init__(self) -> None:

@@ -2,8 +2,9 @@
 
 Reference images are the demo corpus's own images (the synthetic shapes the model trained on),
 copied next to the requests file with an inpaint mask; the bad requests show per-row errors
-(unknown mode, missing file, mask size mismatch, bad focus, unsupported control) while the rest
-of the batch completes.
+(unknown mode, missing file, mask size mismatch, bad focus, unknown control kind) while the rest
+of the batch completes. The ControlNet requests need `infer.controlnet` and `infer.depth_detector`
+(the tiny preset points them at the tiny models the demo builds).
 """
 
 from __future__ import annotations
@@ -110,6 +111,27 @@ def _good_requests(names: list[str]) -> list[dict]:
             "aspect": "2:1",
             "seed": 9,
         },
+        *_control_requests(names),
+    ]
+
+
+def _control_requests(names: list[str]) -> list[dict]:
+    """ControlNet: depth on a text request, line on a variation."""
+    return [
+        {
+            "id": "control-depth-0",
+            "mode": "text",
+            "prompt": "a red circle in the centre on a blue background",
+            "control": [{"kind": "depth", "image": names[0], "strength": 0.8}],
+            "seed": 10,
+        },
+        {
+            "id": "control-line-1",
+            "mode": "variation",
+            "image": names[1],
+            "control": [{"kind": "line", "image": names[1], "strength": 0.6}],
+            "seed": 11,
+        },
     ]
 
 
@@ -134,6 +156,6 @@ def _bad_requests(names: list[str]) -> list[dict]:
             "id": "bad-control",
             "mode": "text",
             "prompt": "a blue circle",
-            "control": {"depth": "depth.png"},
+            "control": [{"kind": "segmentation-xyz", "image": names[0], "strength": 1.0}],
         },
     ]

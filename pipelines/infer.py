@@ -52,6 +52,7 @@ RESULT_COLUMNS = (
     "image_path",
     "generate_seconds",
     "total_seconds",
+    "finished_at",
 )
 
 
@@ -106,12 +107,26 @@ class InferenceWorker:
         out_dir: str,
         base_dir: str,
         defaults: dict[str, Any],
+        controlnet: str = "",
+        depth_detector: str = "",
     ) -> None:
+        from dataclasses import replace
+
+        from components.control import load_controlnet, load_depth_detector
         from components.generator import Generator
         from components.model_package import load_package
         from pipelines.config_loading import build
 
         parts = load_package(Path(package_dir), name=name, version=version)
+        # The ControlNet and the depth detector are frozen bases chosen at inference time:
+        # loaded once per actor, next to the package's networks.
+        parts = replace(
+            parts,
+            controlnet=load_controlnet(controlnet) if controlnet else None,
+            depth_detector=(
+                load_depth_detector(depth_detector, device=device) if depth_detector else None
+            ),
+        )
         self.generator = Generator(parts, device=device, compute_dtype=compute_dtype)
         self.name, self.version = name, version
         self.out_dir = Path(out_dir)
@@ -137,6 +152,10 @@ class InferenceWorker:
                 width=request.width,
                 height=request.height,
             )
+            try:
+                self.generator.check_supported(request)
+            except ValueError as error:
+                raise RequestError("control", str(error).removeprefix("control: ")) from None
             generate_started = time.perf_counter()
             image = self.generator.generate(request)
             result["generate_seconds"] = time.perf_counter() - generate_started
@@ -150,6 +169,7 @@ class InferenceWorker:
                 status="error", error_field="generation", error=f"{type(error).__name__}: {error}"
             )
         result["total_seconds"] = time.perf_counter() - started
+        result["finished_at"] = time.time()
         return result
 
 
@@ -301,6 +321,8 @@ def _worker_kwargs(config, model: ModelRef, *, out_dir: Path, base_dir: Path) ->
         "out_dir": str(out_dir),
         "base_dir": str(base_dir),
         "defaults": to_plain(infer.requests),
+        "controlnet": infer.controlnet,
+        "depth_detector": infer.depth_detector,
     }
 
 
@@ -321,6 +343,7 @@ def _schema():
         "height": pa.int64(),
         "generate_seconds": pa.float64(),
         "total_seconds": pa.float64(),
+        "finished_at": pa.float64(),
     }
     return pa.schema([(column, types.get(column, pa.string())) for column in RESULT_COLUMNS])
 

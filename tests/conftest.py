@@ -45,12 +45,18 @@ def tiny_config(root: Path, models: TinyModelPaths, *overrides: str):
     """The tiny preset pointed at a test's run folder and the session's tiny checkpoints."""
     from pipelines.config import load_config
 
+    frozen_bases = [
+        f"infer.{key}={path}"
+        for key, path in (("controlnet", models.controlnet), ("depth_detector", models.depth))
+        if path is not None
+    ]
     return load_config(
         "tiny",
         [
             f"run.root={root}",
             f"data.encode.qwen2vl={models.qwen2vl}",
             f"data.encode.flux={models.flux}",
+            *frozen_bases,
             *overrides,
         ],
     )

@@ -27,6 +27,8 @@ GOOD_IDS = {
     "focus-circle-0",
     "focus-grid-1",
     "wide-text",
+    "control-depth-0",
+    "control-line-1",
 }
 BAD_FIELDS = {
     "bad-mode": "mode",

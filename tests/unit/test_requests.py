@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from components.control import ControlInput
 from components.generator import FocusCircle, FocusGrid
 from components.loopback_server import LoopbackServer
 from components.requests import (
@@ -117,6 +118,50 @@ def test_focus_json_and_objects(folder):
         ({"mode": "text", "prompt": "x", "seed": "seven"}, "seed"),
         ({"mode": "img2img", "image": "wide.png", "strength": 1.5}, "strength"),
         ({"mode": "text", "prompt": "x", "control": {"depth": "d.png"}}, "control"),
+        ({"mode": "text", "prompt": "x", "control": "[{not json"}, "control"),
+        ({"mode": "text", "prompt": "x", "control": ["wide.png"]}, "control"),
+        ({"mode": "text", "prompt": "x", "control": [{"kind": "line"}]}, "control"),
+        ({"mode": "text", "prompt": "x", "control": [{"image": "wide.png"}]}, "control"),
+        (
+            {"mode": "text", "prompt": "x", "control": [{"kind": "line", "image": "missing.png"}]},
+            "control",
+        ),
+        (
+            {
+                "mode": "text",
+                "prompt": "x",
+                "control": [{"kind": "line", "image": "mask.png", "x": 1}],
+            },
+            "control",
+        ),
+        (
+            {"mode": "text", "prompt": "x", "control": [{"kind": "pose", "image": "wide.png"}]},
+            "control",
+        ),
+        (
+            {
+                "mode": "text",
+                "prompt": "x",
+                "control": [{"kind": "depth", "image": "wide.png", "strength": 2.5}],
+            },
+            "control",
+        ),
+        (
+            {
+                "mode": "text",
+                "prompt": "x",
+                "control": [{"kind": "depth", "image": "wide.png", "strength": "high"}],
+            },
+            "control",
+        ),
+        (
+            {
+                "mode": "text",
+                "prompt": "x",
+                "control": [{"kind": "depth", "image": "wide.png", "preprocessed": "yes"}],
+            },
+            "control",
+        ),
         ({"mode": "variation", "image": "http://169.254.169.254/latest/x.png"}, "image"),
         ({"mode": "variation", "image": "ftp://example.com/x.png"}, "image"),
     ],
@@ -152,3 +197,46 @@ def test_a_row_read_back_from_jsonl_parses(folder):
     (read,) = read_request_rows(folder / "one.jsonl")
     request = parse(read, folder)
     assert (request.mode, request.prompt, request.seed) == ("image_text", "a cat", 3)
+
+
+def test_controls_from_lists_json_text_parquet_and_urls(folder):
+    controls = [
+        {"kind": "depth", "image": "wide.png", "strength": 0.2},
+        {"kind": "line", "image": "mask.png", "strength": 0, "preprocessed": True},
+    ]
+    listed = parse({"mode": "text", "prompt": "x", "control": controls}, folder)
+    assert [(c.kind, c.strength, c.preprocessed) for c in listed.control] == [
+        ("depth", 0.2, False),
+        ("line", 0.0, True),
+    ]
+    assert all(isinstance(c, ControlInput) and c.image.mode == "RGB" for c in listed.control)
+    assert listed.control[0].image.size == (96, 64)
+    text = parse(
+        {"mode": "variation", "image": "wide.png", "control": json.dumps(controls)}, folder
+    )
+    assert [c.kind for c in text.control] == ["depth", "line"]
+    defaulted = parse(
+        {"mode": "text", "prompt": "x", "control": [{"kind": "line", "image": "wide.png"}]},
+        folder,
+    )
+    assert (defaulted.control[0].strength, defaulted.control[0].preprocessed) == (1.0, False)
+    assert parse({"mode": "text", "prompt": "x", "control": []}, folder).control == ()
+    path = folder / "controls.parquet"
+    rows = [{"id": "a", "mode": "text", "prompt": "x", "control": controls}]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    (read,) = read_request_rows(path)
+    from_parquet = parse(read, folder)
+    assert [(c.kind, c.preprocessed) for c in from_parquet.control] == [
+        ("depth", False),
+        ("line", True),
+    ]
+    with LoopbackServer(folder) as server:
+        remote = [{"kind": "line", "image": server.url("wide.png")}]
+        row = {"mode": "text", "prompt": "x", "control": remote}
+        with pytest.raises(RequestError, match="loopback") as caught:
+            parse(row, folder)
+        assert caught.value.field == "control"
+        allowed = RequestDefaults(
+            max_side_px=128, steps=4, url_policy=UrlPolicyConfig(allow_hosts=("127.0.0.1",))
+        )
+        assert parse(row, folder, allowed).control[0].image.size == (96, 64)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
     AutoImageProcessor,
@@ -95,6 +96,30 @@ def test_flux_layout_reloads(tiny_models_dir):
     assert pooled.shape == (1, transformer.config.pooled_projection_dim)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
     assert scheduler.config.use_dynamic_shifting and scheduler.config.max_shift == 1.15
+
+
+def test_controlnet_and_depth_layouts_reload(tiny_models_dir):
+    from diffusers import FluxControlNetModel
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    controlnet_dir = tiny_models_dir.controlnet
+    assert (controlnet_dir / "diffusion_pytorch_model.safetensors").is_file()
+    controlnet = FluxControlNetModel.from_pretrained(controlnet_dir)
+    flux = FluxTransformer2DModel.load_config(tiny_models_dir.flux, subfolder="transformer")
+    assert controlnet.union and controlnet.config.num_mode == presets.CONTROLNET_UNION_NUM_MODES
+    for key in ("in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim"):
+        assert controlnet.config[key] == flux[key], key
+    # Not the zero-initialised residual projections of a fresh ControlNet: it must act.
+    assert controlnet.controlnet_blocks[0].weight.abs().sum() > 0
+    depth_dir = tiny_models_dir.depth
+    assert (depth_dir / "model.safetensors").is_file()
+    config = json.loads((depth_dir / "preprocessor_config.json").read_text())
+    assert config["image_processor_type"] == "DPTImageProcessor"
+    model = AutoModelForDepthEstimation.from_pretrained(depth_dir)
+    processor = AutoImageProcessor.from_pretrained(depth_dir)
+    with torch.no_grad():
+        depth = model(**processor(images=Image.new("RGB", (40, 30)), return_tensors="pt"))
+    assert depth.predicted_depth.ndim == 3
 
 
 def test_tiny_models_stay_under_one_million_params():
