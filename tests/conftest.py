@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from components.tiny_models import TinyModelPaths, build_tiny_models
 from pipelines.environment import apply_quiet_environment
@@ -106,3 +107,41 @@ def tiny_trained_run(tmp_path_factory, tiny_models_dir, tiny_data_run, ray_local
         f"train.dataset={Path(data_config.run.root) / 'data'}",
     )
     return config, run_training(config)
+
+
+def untrained_generator_parts(models: TinyModelPaths, **extra):
+    """GeneratorParts of the untrained tiny model straight from the tiny bases (base FLUX and
+    tail, connector seeded 0), settings from the tiny preset; `extra` adds e.g. a ControlNet."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from components.generator import GeneratorParts, GeneratorSettings
+    from components.tail_checkpoint import load_qwen2vl_tail
+    from model.conditioning import Connector
+    from pipelines.config import load_config
+
+    encode = load_config("tiny", []).data.encode
+    transformer = FluxTransformer2DModel.from_pretrained(models.flux, subfolder="transformer")
+    tail = load_qwen2vl_tail(str(models.qwen2vl))
+    torch.manual_seed(0)
+    connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
+    vae_config = AutoencoderKL.load_config(models.flux, subfolder="vae")
+    return GeneratorParts(
+        qwen2vl_path=models.qwen2vl,
+        flux_path=models.flux,
+        transformer=transformer,
+        tail=tail,
+        connector=connector,
+        settings=GeneratorSettings(
+            instruction=encode.instruction,
+            image_tokens=encode.image_tokens,
+            vae_scaling_factor=vae_config["scaling_factor"],
+            vae_shift_factor=vae_config["shift_factor"],
+        ),
+        **extra,
+    )
+
+
+@pytest.fixture(scope="session")
+def make_untrained_parts():
+    """`make_untrained_parts(models, **extra)`: see `untrained_generator_parts`."""
+    return untrained_generator_parts

@@ -10,7 +10,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel
 from PIL import Image
 
 from components.control import (
@@ -22,14 +21,9 @@ from components.control import (
 from components.generator import (
     GenerationRequest,
     Generator,
-    GeneratorParts,
-    GeneratorSettings,
     validate_request,
 )
 from components.requests import RequestDefaults, RequestError, parse_request
-from components.tail_checkpoint import load_qwen2vl_tail
-from model.conditioning import Connector
-from pipelines.config import load_config
 
 pytestmark = pytest.mark.integration
 
@@ -54,29 +48,11 @@ def _shapes_image(width: int, height: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def generator(tiny_models_dir) -> Generator:
+def generator(tiny_models_dir, make_untrained_parts) -> Generator:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops on a shared 2-core box: one thread is fastest
-    encode = load_config("tiny", []).data.encode
-    transformer = FluxTransformer2DModel.from_pretrained(
-        tiny_models_dir.flux, subfolder="transformer"
-    )
-    tail = load_qwen2vl_tail(str(tiny_models_dir.qwen2vl))
-    torch.manual_seed(0)
-    connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
-    vae_config = AutoencoderKL.load_config(tiny_models_dir.flux, subfolder="vae")
-    parts = GeneratorParts(
-        qwen2vl_path=tiny_models_dir.qwen2vl,
-        flux_path=tiny_models_dir.flux,
-        transformer=transformer,
-        tail=tail,
-        connector=connector,
-        settings=GeneratorSettings(
-            instruction=encode.instruction,
-            image_tokens=encode.image_tokens,
-            vae_scaling_factor=vae_config["scaling_factor"],
-            vae_shift_factor=vae_config["shift_factor"],
-        ),
+    parts = make_untrained_parts(
+        tiny_models_dir,
         controlnet=load_controlnet(str(tiny_models_dir.controlnet)),
         depth_detector=load_depth_detector(str(tiny_models_dir.depth)),
     )

@@ -13,7 +13,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel
 from PIL import Image
 
 from components.generator import (
@@ -22,12 +21,9 @@ from components.generator import (
     FocusGrid,
     GenerationRequest,
     Generator,
-    GeneratorParts,
-    GeneratorSettings,
     validate_request,
 )
 from components.loader import collate_samples
-from components.tail_checkpoint import load_qwen2vl_tail
 from components.training_loop import (
     GRID_SAMPLING_STEPS,
     GRID_SEED,
@@ -37,8 +33,6 @@ from components.training_loop import (
     condition_tokens,
     validation_samples,
 )
-from model.conditioning import Connector
-from pipelines.config import load_config
 from pipelines.train_state import empty_prompt_pooled
 
 pytestmark = pytest.mark.integration
@@ -65,33 +59,11 @@ def _png(image: Image.Image) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def generator(tiny_models_dir) -> Generator:
+def generator(tiny_models_dir, make_untrained_parts) -> Generator:
     threads = torch.get_num_threads()
     # Tiny ops on a shared 2-core box: one thread avoids OpenMP contention (10x faster here).
     torch.set_num_threads(1)
-    encode = load_config("tiny", []).data.encode
-    transformer = FluxTransformer2DModel.from_pretrained(
-        tiny_models_dir.flux, subfolder="transformer"
-    )
-    tail = load_qwen2vl_tail(str(tiny_models_dir.qwen2vl))
-    torch.manual_seed(0)
-    connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
-    vae_config = AutoencoderKL.load_config(tiny_models_dir.flux, subfolder="vae")
-    settings = GeneratorSettings(
-        instruction=encode.instruction,
-        image_tokens=encode.image_tokens,
-        vae_scaling_factor=vae_config["scaling_factor"],
-        vae_shift_factor=vae_config["shift_factor"],
-    )
-    parts = GeneratorParts(
-        qwen2vl_path=tiny_models_dir.qwen2vl,
-        flux_path=tiny_models_dir.flux,
-        transformer=transformer,
-        tail=tail,
-        connector=connector,
-        settings=settings,
-    )
-    yield Generator(parts)
+    yield Generator(make_untrained_parts(tiny_models_dir))
     torch.set_num_threads(threads)
 
 
