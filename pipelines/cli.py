@@ -7,7 +7,7 @@
     qwenflux promote --config PRESET [--version N] candidate -> champion if it beats it
     qwenflux infer --config PRESET --model URI --requests FILE --out DIR
                                                     batch inference (Ray Data actors)
-    qwenflux generate --config PRESET --model URI --mode M [--prompt ..] --out DIR
+    qwenflux generate --config PRESET --model URI --mode M [--prompt ..] [--control JSON] --out DIR
                                                     one request, same code path
     qwenflux demo [--config tiny] [--set k=v]      tiny models, data, training, registry,
                                                     batch inference
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     one = configured["generate"]
     one.add_argument("--mode", required=True, help="text, variation, image_text, img2img, inpaint")
     one.add_argument("--id", default="generated", help="request id (the image file name)")
-    for option in ("prompt", "image", "mask", "aspect", "focus"):
+    for option in ("prompt", "image", "mask", "aspect", "focus", "control"):
         one.add_argument(f"--{option}", default=None)
     for option, kind in (("seed", int), ("steps", int), ("guidance", float), ("strength", float)):
         one.add_argument(f"--{option}", type=kind, default=None)
@@ -178,7 +178,8 @@ def _generate(config, args: argparse.Namespace) -> int:
     from pipelines.infer import generate_one
 
     row = {"id": args.id, "mode": args.mode}
-    for option in ("prompt", "image", "mask", "aspect", "focus", "seed", "steps", "guidance"):
+    options = ("prompt", "image", "mask", "aspect", "focus", "control", "seed", "steps", "guidance")
+    for option in options:
         if getattr(args, option) is not None:
             row[option] = getattr(args, option)
     if args.strength is not None:

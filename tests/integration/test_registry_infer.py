@@ -3,6 +3,7 @@ gate -> package -> registered version (@candidate) -> promote (@champion) -> `ru
 the demo's requests (every mode, plus bad requests) -> PNGs + results table; rerun skips
 finished ids; same seed + same version gives the same image."""
 
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -115,3 +116,30 @@ def test_same_seed_and_version_give_the_same_image(registered, requests_file, tm
         images.append((tmp_path / name / done["image_path"]).read_bytes())
     assert images[0] == images[1]
     assert images[0] != images[2]
+
+
+def test_generate_command_writes_one_image_and_reports_a_bad_request(
+    registered, requests_file, tmp_path, capsys
+):
+    from pipelines.cli import main
+
+    config, result = registered
+    encode, infer = config.data.encode, config.infer
+    base = ["--config", "tiny", "--set", f"run.root={config.run.root}"]
+    for key, value in (
+        ("data.encode.qwen2vl", encode.qwen2vl),
+        ("data.encode.flux", encode.flux),
+        ("infer.controlnet", infer.controlnet),
+        ("infer.depth_detector", infer.depth_detector),
+    ):
+        base += ["--set", f"{key}={value}"]
+    model = ["--model", f"models:/{config.registry.model_name}/{result.version}"]
+    reference = str(requests_file.parent / "reference-1.png")
+    control = json.dumps([{"kind": "line", "image": reference, "strength": 0.5}])
+    good = ["--mode", "text", "--prompt", "a red circle", "--control", control, "--seed", "5"]
+    assert main(["generate", *base, *model, *good, "--out", str(tmp_path / "good")]) == 0
+    assert "image:" in capsys.readouterr().out
+    assert (tmp_path / "good" / "images" / "generated.png").is_file()
+    bad = ["--mode", "variation", "--image", str(tmp_path / "missing.png")]
+    assert main(["generate", *base, *model, *bad, "--out", str(tmp_path / "bad")]) == 1
+    assert "missing.png" in capsys.readouterr().err
