@@ -90,8 +90,13 @@ def control_residuals(
     mask_BT = conditioning.mask_BT
     if union:
         mask_BT = torch.cat([mask_BT.new_ones(mask_BT.shape[0], 1), mask_BT.bool()], dim=1)
-    key_mask_B11S = joint_attention_mask(mask_BT, num_image_tokens=packed_latents_BLC.shape[1])
-    num_text_tokens = conditioning.hidden_BTD.shape[1]
+    inputs = flux_inputs(
+        packed_latents_BLC,
+        image_ids_L3=image_ids_L3,
+        sigmas_B=sigmas_B,
+        conditioning=conditioning,
+        text_mask_BT=mask_BT,
+    )
     summed: ControlResiduals | None = None
     for control in controls:
         if union and control.mode is None:
@@ -102,20 +107,10 @@ def control_residuals(
                 (packed_latents_BLC.shape[0], 1), control.mode, device=packed_latents_BLC.device
             )
         double_blocks, single_blocks = controlnet(
-            hidden_states=packed_latents_BLC,
+            **inputs,
             controlnet_cond=control.image_BLC.to(packed_latents_BLC),
             controlnet_mode=mode_B1,
             conditioning_scale=float(control.strength),
-            encoder_hidden_states=conditioning.hidden_BTD,
-            pooled_projections=conditioning.pooled_BP,
-            timestep=sigmas_B,
-            img_ids=image_ids_L3,
-            txt_ids=text_ids(num_text_tokens).to(image_ids_L3),
-            guidance=conditioning.guidance_B,
-            joint_attention_kwargs=None
-            if key_mask_B11S is None
-            else {"attention_mask": key_mask_B11S},
-            return_dict=False,
         )
         current = ControlResiduals(list(double_blocks or []), list(single_blocks or []))
         summed = current if summed is None else _add_residuals(summed, current)
@@ -166,24 +161,46 @@ def predict_velocity(
     the transformer scales by 1000), honouring the text padding mask in joint attention; with
     `control`, the ControlNet residuals are added after the transformer's blocks."""
     _check_guidance(transformer, conditioning.guidance_B)
-    num_text_tokens = conditioning.hidden_BTD.shape[1]
-    key_mask_B11S = joint_attention_mask(
-        conditioning.mask_BT, num_image_tokens=packed_latents_BLC.shape[1]
+    inputs = flux_inputs(
+        packed_latents_BLC,
+        image_ids_L3=image_ids_L3,
+        sigmas_B=sigmas_B,
+        conditioning=conditioning,
+        text_mask_BT=conditioning.mask_BT,
     )
     output = transformer(
-        hidden_states=packed_latents_BLC,
-        encoder_hidden_states=conditioning.hidden_BTD,
-        pooled_projections=conditioning.pooled_BP,
-        timestep=sigmas_B,
-        img_ids=image_ids_L3,
-        txt_ids=text_ids(num_text_tokens).to(image_ids_L3),
-        guidance=conditioning.guidance_B,
-        joint_attention_kwargs=None if key_mask_B11S is None else {"attention_mask": key_mask_B11S},
+        **inputs,
         controlnet_block_samples=(control.double_blocks or None) if control else None,
         controlnet_single_block_samples=(control.single_blocks or None) if control else None,
-        return_dict=False,
     )
     return output[0]
+
+
+def flux_inputs(
+    packed_latents_BLC: torch.Tensor,
+    *,
+    image_ids_L3: torch.Tensor,
+    sigmas_B: torch.Tensor,
+    conditioning: FluxConditioning,
+    text_mask_BT: torch.Tensor,
+) -> dict:
+    """The keyword arguments FluxTransformer2DModel and FluxControlNetModel share: sample,
+    conditioning, timestep = sigma, ids and the joint-attention key mask built from
+    `text_mask_BT` (a union ControlNet passes its mask with the mode token in front)."""
+    key_mask_B11S = joint_attention_mask(text_mask_BT, num_image_tokens=packed_latents_BLC.shape[1])
+    return {
+        "hidden_states": packed_latents_BLC,
+        "encoder_hidden_states": conditioning.hidden_BTD,
+        "pooled_projections": conditioning.pooled_BP,
+        "timestep": sigmas_B,
+        "img_ids": image_ids_L3,
+        "txt_ids": text_ids(conditioning.hidden_BTD.shape[1]).to(image_ids_L3),
+        "guidance": conditioning.guidance_B,
+        "joint_attention_kwargs": None
+        if key_mask_B11S is None
+        else {"attention_mask": key_mask_B11S},
+        "return_dict": False,
+    }
 
 
 def set_gradient_checkpointing(transformer: FluxTransformer2DModel, *, enabled: bool) -> None:

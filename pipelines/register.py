@@ -24,8 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import PipelineConfig
-from pipelines.train import dataset_root, storage_path, with_absolute_paths
-from pipelines.train_tracking import tracking_uri
+from pipelines.train import (
+    dataset_root,
+    local_checkpoint_states,
+    storage_path,
+    with_absolute_paths,
+)
+from pipelines.train_tracking import metric_entities, tracking_uri
 
 PARENT_MARKER = "train_parent_run.json"
 
@@ -87,17 +92,16 @@ def final_checkpoint(config: PipelineConfig) -> Path:
         raise NotImplementedError(
             f"train.storage_path {storage}: registration reads local checkpoints only so far"
         )
-    run_dir = Path(storage) / f"{config.run.name}-train"
     last = len(config.train.stages) - 1
     final_steps = config.train.stages[-1].num_steps
-    found = []
-    for state_file in sorted(run_dir.glob("checkpoint_*/state.json")):
-        state = json.loads(state_file.read_text())
-        if state.get("stage_index") == last and state.get("next_step") == final_steps:
-            found.append(state_file.parent)
+    found = [
+        folder
+        for folder, state in local_checkpoint_states(config)
+        if state.get("stage_index") == last and state.get("next_step") == final_steps
+    ]
     if not found:
         raise TrainingNotFinishedError(
-            f"no final checkpoint (stage {last + 1}, step {final_steps}) under {run_dir}: "
+            f"no final checkpoint (stage {last + 1}, step {final_steps}) under {storage}: "
             "run `qwenflux train` with this config first"
         )
     return found[-1]
@@ -135,7 +139,8 @@ def run_registration(config: PipelineConfig) -> RegistrationResult:
             out_dir=package_dir,
         )
     gate = evaluate_gate(config, load_package(package_dir))
-    client.log_batch(run_id, metrics=_metrics({f"gate.{k}": v for k, v in gate.metrics().items()}))
+    gate_metrics = {f"gate.{key}": value for key, value in gate.metrics().items()}
+    client.log_batch(run_id, metrics=metric_entities(gate_metrics, step=0))
     version = None
     if gate.passed:
         version = _existing_version(client, config.registry.model_name, run_id)
@@ -239,12 +244,3 @@ def _existing_version(client, model_name: str, run_id: str) -> str | None:
 
 def _mean(values: dict[Any, float]) -> float:
     return sum(values.values()) / len(values)
-
-
-def _metrics(values: dict[str, float]):
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(key, float(value), now, 0) for key, value in values.items()]

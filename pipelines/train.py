@@ -122,19 +122,30 @@ def preflight(config: PipelineConfig, root: Path) -> dict:
 def _check_checkpoint_format(config: PipelineConfig) -> None:
     """Checkpoints an older trainer wrote in this run's storage would fail in every worker
     (and be retried max_failures times): refuse them here, once, by name."""
-    from pipelines.train_state import CHECKPOINT_FORMAT, STATE_FILE
+    from pipelines.train_state import CHECKPOINT_FORMAT
+
+    for folder, state in local_checkpoint_states(config):
+        found = state.get("format")
+        if found != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"checkpoint {folder} has format {found!r}; this trainer reads format "
+                f"{CHECKPOINT_FORMAT} (start a new run.root or train.storage_path)"
+            )
+
+
+def local_checkpoint_states(config: PipelineConfig) -> list[tuple[Path, dict]]:
+    """(folder, state.json contents) of this training's checkpoints, oldest first, when
+    `train.storage_path` is local; empty for remote storage (s3://, gs://)."""
+    from pipelines.train_state import STATE_FILE
 
     storage = storage_path(config)
     if "://" in storage:
-        return
+        return []
     run_dir = Path(storage) / f"{config.run.name}-train"
-    for state_file in sorted(run_dir.glob(f"checkpoint_*/{STATE_FILE}")):
-        found = json.loads(state_file.read_text()).get("format")
-        if found != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"checkpoint {state_file.parent} has format {found!r}; this trainer reads format "
-                f"{CHECKPOINT_FORMAT} (start a new run.root or train.storage_path)"
-            )
+    return [
+        (state_file.parent, json.loads(state_file.read_text()))
+        for state_file in sorted(run_dir.glob(f"checkpoint_*/{STATE_FILE}"))
+    ]
 
 
 def _parent_run(config: PipelineConfig, manifest: dict, *, run_name: str) -> str:

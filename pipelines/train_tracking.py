@@ -83,7 +83,7 @@ class StageTracker:
         self._progress = tqdm(total=stage.num_steps, desc=stage.name, unit="step")
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        self.client.log_batch(self.run_id, metrics=_metrics(metrics, step))
+        self.client.log_batch(self.run_id, metrics=metric_entities(metrics, step))
         self._progress.n = step + 1
         self._progress.set_postfix(
             loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_second']:.1f}"
@@ -97,7 +97,7 @@ class StageTracker:
         generations (components.training_loop.validation_samples), row 2 the references."""
         metrics = {f"validation_loss_sigma_{sigma:g}": value for sigma, value in losses.items()}
         metrics["validation_loss"] = sum(losses.values()) / len(losses)
-        self.client.log_batch(self.run_id, metrics=_metrics(metrics, step))
+        self.client.log_batch(self.run_id, metrics=metric_entities(metrics, step))
         reference = batch["vae_latent"]
         with torch.no_grad():
             images = self._decode(torch.cat([generated_raw.to(reference), reference]))
@@ -144,7 +144,8 @@ def _grid(images: torch.Tensor, *, columns: int) -> np.ndarray:
     return torch.cat(rows, dim=-2).permute(1, 2, 0).numpy()
 
 
-def _metrics(values: dict[str, float], step: int):
+def metric_entities(values: dict[str, float], step: int):
+    """MLflow Metric entities of `values` at `step`, stamped now (for MlflowClient.log_batch)."""
     import time
 
     from mlflow.entities import Metric
