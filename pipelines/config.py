@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.buckets import BucketConfig
+from components.conditioning_check import ConditioningCheckConfig
 from components.download import DownloadConfig
 from components.encode import EncodeConfig
 from components.filters import FilterConfig
@@ -210,6 +211,9 @@ class RegistryConfig:
     min_improvement: float = 0.02
     """Gate: the trained model's held-out validation loss must be at least this fraction below
     the untrained start's (same rows, same fixed sigmas and noise)."""
+    conditioning: ConditioningCheckConfig
+    """Gate: generations must land in the class their conditioning names ([registry.conditioning];
+    no checks unless `modes` names some)."""
 
     def __post_init__(self) -> None:
         if not self.model_name:

@@ -48,8 +48,24 @@ def ray_session(run, *, temp_root: Path) -> Iterator[None]:
             include_dashboard=False,
             _temp_dir=local_temp_dir(temp_root),
             log_to_driver=True,
+            runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_local_worker"},
         )
     try:
         yield
     finally:
         ray.shutdown()
+
+
+PLACEMENT_GROUP_CLEANER_LOGGER = (
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+)
+
+
+def quiet_local_worker() -> None:
+    """Worker setup hook of the in-process cluster: Ray Train's placement-group cleaner asks the
+    state API (served by the dashboard, which a local run does not start) once a second whether
+    the controller lives, and warns each time it cannot. Locally the whole cluster dies with the
+    driver, so that watch has nothing to clean; its warnings only bury the progress bars."""
+    import logging
+
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)

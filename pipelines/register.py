@@ -17,12 +17,14 @@ reused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from components.conditioning_check import CheckResult
 from pipelines.config import PipelineConfig
 from pipelines.train import (
     dataset_root,
@@ -44,27 +46,35 @@ class GateResult:
     """The evaluation gate's verdict and the numbers behind it."""
 
     passed: bool
+    """The loss bar and every conditioning check passed."""
     validation_loss: float
     base_validation_loss: float
     improvement: float
     min_improvement: float
     per_sigma: dict[float, float]
+    checks: tuple[CheckResult, ...] = ()
+    """The conditioning checks `registry.conditioning.modes` asked for."""
 
     def message(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
-        return (
+        lines = [
             f"gate {verdict}: held-out validation loss {self.validation_loss:.4f} vs untrained "
             f"{self.base_validation_loss:.4f} ({self.improvement:+.1%} better; "
             f"needs >= {self.min_improvement:.1%})"
-        )
+        ]
+        return "\n".join(lines + [f"  {check.message()}" for check in self.checks])
 
     def metrics(self) -> dict[str, float]:
-        return {
+        metrics = {
             "validation_loss": self.validation_loss,
             "base_validation_loss": self.base_validation_loss,
             "improvement": self.improvement,
             "passed": float(self.passed),
         }
+        for check in self.checks:
+            metrics[f"conditioning_{check.mode}_accuracy"] = check.accuracy
+            metrics[f"conditioning_{check.mode}_chance"] = check.chance
+        return metrics
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -198,15 +208,106 @@ def evaluate_gate(config: PipelineConfig, parts) -> GateResult:
     losses = validation_losses(trained.eval(), batch, objective=objective, convention=convention)
     loss, base_loss = _mean(losses), _mean(base_losses)
     improvement = 1.0 - loss / base_loss if base_loss > 0 else 0.0
+    checks = conditioning_checks(config, parts, trained.eval(), convention=convention)
     passed = math.isfinite(loss) and improvement >= config.registry.min_improvement
     return GateResult(
-        passed=passed,
+        passed=passed and all(check.passed for check in checks),
         validation_loss=loss,
         base_validation_loss=base_loss,
         improvement=improvement,
         min_improvement=config.registry.min_improvement,
         per_sigma=losses,
+        checks=checks,
     )
+
+
+def conditioning_checks(config: PipelineConfig, parts, model, *, convention) -> tuple:
+    """The text and variation checks of components/conditioning_check.py on the dataset's rows
+    (classes from their captions, centroids from their latents)."""
+    import torch
+
+    from components import conditioning_check as probe
+    from components.generator import GenerationRequest, Generator
+    from components.loader import collate_samples
+    from components.training_loop import validation_samples
+
+    configured = config.registry.conditioning
+    if not configured.modes:
+        return ()
+    by_bucket = _labelled_samples(dataset_root(config), configured)
+    pairs = [pair for rows in by_bucket.values() for pair in rows]
+    check = probe.present_classes([label for _, label in pairs], configured)
+    skipped = tuple(word for word in configured.class_words if word not in check.class_words)
+    centroids = probe.class_centroids(
+        torch.stack([probe.latent_feature(sample["vae_latent"][None])[0] for sample, _ in pairs]),
+        [label for _, label in pairs],
+        check.class_words,
+    )
+    results = []
+    if "text" in check.modes:
+        width, height = _largest_bucket_size(by_bucket)
+        generator = Generator(parts)
+
+        def generate(prompt: str, seed: int) -> torch.Tensor:
+            request = GenerationRequest(
+                mode="text",
+                width=width,
+                height=height,
+                prompt=prompt,
+                seed=seed,
+                steps=check.num_steps,
+            )
+            return generator.generate_latents(request)
+
+        results.append(probe.text_check(generate, centroids_KC=centroids, config=check))
+    if "variation" in check.modes:
+        features, truth = [], []
+        for rows in by_bucket.values():
+            chosen = _per_class(rows, check.references_per_class)
+            if chosen:
+                batch = collate_samples([sample for sample, _ in chosen])
+                generated = validation_samples(
+                    model, batch, objective=config.train.objective, convention=convention
+                )
+                features.append(probe.latent_feature(generated))
+                truth += [label for _, label in chosen]
+        results.append(
+            probe.score(
+                "variation", torch.cat(features), truth, centroids_KC=centroids, config=check
+            )
+        )
+    return tuple(dataclasses.replace(result, skipped_classes=skipped) for result in results)
+
+
+def _labelled_samples(root: Path, check) -> dict[str, list[tuple[dict, str]]]:
+    from components.conditioning_check import caption_class
+    from components.loader import BucketIndex, ShardReader
+
+    index, reader = BucketIndex.from_dataset(root), ShardReader()
+    by_bucket = {}
+    for bucket_id, bucket in sorted(index.buckets.items()):
+        samples = reader.read_samples(bucket.locate(list(range(bucket.num_rows))))
+        labelled = [(sample, caption_class(sample["caption"], check)) for sample in samples]
+        by_bucket[bucket_id] = [(sample, label) for sample, label in labelled if label]
+    return by_bucket
+
+
+def _per_class(rows: list[tuple[dict, str]], limit: int) -> list[tuple[dict, str]]:
+    """Up to `limit` rows of each class (this bucket's share; dataset order)."""
+    taken: dict[str, int] = {}
+    chosen = []
+    for sample, label in rows:
+        if taken.get(label, 0) < limit:
+            taken[label] = taken.get(label, 0) + 1
+            chosen.append((sample, label))
+    return chosen
+
+
+def _largest_bucket_size(by_bucket: dict[str, list]) -> tuple[int, int]:
+    """(width, height) of the bucket with the most labelled rows (bucket ids read WxH)."""
+    bucket_id = max(by_bucket, key=lambda key: (len(by_bucket[key]), key))
+    width, height = bucket_id.split("x")
+    return int(width), int(height)
 
 
 def run_promotion(config: PipelineConfig, *, version: str | None = None):

@@ -42,8 +42,24 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory):
     ray.shutdown()
 
 
+# The tiny preset trains long enough for the demo's conditioning check (minutes); tests train
+# the same three stages for a few steps and check the gate's conditioning check on its own
+# (tests/unit/test_conditioning_check.py, and its failing verdict in test_registry_infer.py).
+FAST_TRAINING = (
+    "train.checkpoint_every_steps=4",
+    "train.validate_every_steps=4",
+    *(
+        f"train.stages.{position}.{key}={value}"
+        for position, steps, warmup in ((1, 8, 2), (2, 6, 1), (3, 6, 1))
+        for key, value in (("num_steps", steps), ("warmup_steps", warmup), ("decay_steps", 2))
+    ),
+    "registry.conditioning.modes=[]",
+)
+
+
 def tiny_config(root: Path, models: TinyModelPaths, *overrides: str):
-    """The tiny preset pointed at a test's run folder and the session's tiny checkpoints."""
+    """The tiny preset pointed at a test's run folder and the session's tiny checkpoints, with
+    FAST_TRAINING (later overrides win)."""
     from pipelines.config import load_config
 
     frozen_bases = [
@@ -58,6 +74,7 @@ def tiny_config(root: Path, models: TinyModelPaths, *overrides: str):
             f"data.encode.qwen2vl={models.qwen2vl}",
             f"data.encode.flux={models.flux}",
             *frozen_bases,
+            *FAST_TRAINING,
             *overrides,
         ],
     )

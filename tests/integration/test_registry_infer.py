@@ -3,6 +3,7 @@ gate -> package -> registered version (@candidate) -> promote (@champion) -> `ru
 the demo's requests (every mode, plus bad requests) -> PNGs + results table; rerun skips
 finished ids; same seed + same version gives the same image."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,6 +45,28 @@ BAD_FIELDS = {
 def registered(tiny_trained_run):
     config, _ = tiny_trained_run
     return config, run_registration(config)
+
+
+def test_conditioning_check_fails_a_model_trained_for_a_few_steps(registered):
+    # The session's run trains 20 steps; the demo's variation check needs a few hundred.
+    from components.model_package import load_package
+    from pipelines.config import load_config
+    from pipelines.register import evaluate_gate
+
+    config, result = registered
+    check = load_config("tiny").registry.conditioning
+    assert check.modes == ("variation",)
+    strict = dataclasses.replace(
+        config, registry=dataclasses.replace(config.registry, conditioning=check)
+    )
+    gate = evaluate_gate(strict, load_package(result.package_dir))
+    print(gate.message())
+    (variation,) = gate.checks
+    assert variation.num_samples >= 2 * len(check.class_words)
+    assert variation.accuracy < variation.chance + check.min_margin
+    assert not gate.passed and "conditioning check variation FAILED" in gate.message()
+    assert gate.validation_loss == pytest.approx(result.gate.validation_loss)
+    assert gate.metrics()["conditioning_variation_accuracy"] == variation.accuracy
 
 
 @pytest.fixture(scope="module")
