@@ -31,6 +31,9 @@ UNION_MODES = {"line": 0, "depth": 2}
 """Mode ids of a union FLUX ControlNet (InstantX layout: canny 0, depth 2; the released code
 feeds its line maps as mode 0 and its depth maps as mode 2)."""
 MAX_CONTROL_STRENGTH = 2.0
+DEFAULT_STRENGTHS = {"depth": 0.2, "line": 0.4}
+"""Strength of a control that names none: the released inference code's defaults
+(depth_strength 0.2, line_strength 0.4); 1.0 for a kind not listed."""
 LINE_THRESHOLDS = (50, 150)
 DEPTH_DETECTOR_MISSING = (
     "control: kind 'depth' needs a depth detector (infer.depth_detector) unless the image is a "
@@ -45,8 +48,13 @@ class ControlInput:
 
     kind: str
     image: Image.Image = field(compare=False)
-    strength: float = 1.0
+    strength: float | None = None
+    """None = the kind's default (DEFAULT_STRENGTHS)."""
     preprocessed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.strength is None:
+            object.__setattr__(self, "strength", DEFAULT_STRENGTHS.get(self.kind, 1.0))
 
 
 def check_controls(controls: object) -> None:

@@ -4,11 +4,11 @@ GenerationRequest, or into a RequestError naming the field that is wrong.
 A row: id, mode, prompt, image / mask (a path relative to the requests file, or an http(s) URL
 checked by the URL policy), strength, focus (JSON: {"center_x", "center_y", "radius"} or
 {"rows", "columns", "cells": [[row, column], ...]}), control (a list, or JSON text of a list, of
-{"kind": "depth" | "line", "image": path or URL, "strength": 0..2 (default 1), "preprocessed":
-true when the image already is the control map}), aspect ("16:9", one of the report's
-ratios, or "WxH"), seed, steps, guidance. Missing optional fields take the defaults. A broken row
-never raises out of `parse_request` as anything but RequestError, so one bad request cannot stop
-a batch.
+{"kind": "depth" | "line", "image": path or URL, "strength": 0..2 (default depth 0.2, line
+0.4), "preprocessed": true when the image already is the control map}), aspect ("16:9", one of
+the report's ratios, or "WxH"), seed, steps, guidance. Missing optional fields take the
+defaults. A broken row never raises out of `parse_request` as anything but RequestError, so one
+bad request cannot stop a batch.
 """
 
 from __future__ import annotations
@@ -268,14 +268,16 @@ def _controls(value: Any, *, base_dir: Path, defaults: RequestDefaults) -> tuple
             if key not in item:
                 raise RequestError("control", f"control {index}: {key!r} is required")
         image = _load_image(item["image"], "control", base_dir=base_dir, defaults=defaults)
-        strength = item.get("strength", 1.0)
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+        strength = item.get("strength")
+        if strength is not None and (
+            isinstance(strength, bool) or not isinstance(strength, (int, float))
+        ):
             raise RequestError("control", f"control {index}: strength must be a number")
         controls.append(
             ControlInput(
                 kind=item["kind"],
                 image=image.convert("RGB"),
-                strength=float(strength),
+                strength=None if strength is None else float(strength),
                 preprocessed=item.get("preprocessed", False),
             )
         )

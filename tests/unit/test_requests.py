@@ -215,11 +215,11 @@ def test_controls_from_lists_json_text_parquet_and_urls(folder):
         {"mode": "variation", "image": "wide.png", "control": json.dumps(controls)}, folder
     )
     assert [c.kind for c in text.control] == ["depth", "line"]
-    defaulted = parse(
-        {"mode": "text", "prompt": "x", "control": [{"kind": "line", "image": "wide.png"}]},
-        folder,
-    )
-    assert (defaulted.control[0].strength, defaulted.control[0].preprocessed) == (1.0, False)
+    unset = [{"kind": "line", "image": "wide.png"}, {"kind": "depth", "image": "wide.png"}]
+    defaulted = parse({"mode": "text", "prompt": "x", "control": unset}, folder)
+    # The released inference code's defaults: line 0.4, depth 0.2.
+    assert [(c.strength, c.preprocessed) for c in defaulted.control] == [(0.4, False), (0.2, False)]
+    assert ControlInput(kind="line", image=listed.control[0].image).strength == 0.4
     assert parse({"mode": "text", "prompt": "x", "control": []}, folder).control == ()
     path = folder / "controls.parquet"
     rows = [{"id": "a", "mode": "text", "prompt": "x", "control": controls}]
