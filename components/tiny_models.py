@@ -47,7 +47,7 @@ from model import presets
 MARKER_NAME = "tiny_models.json"
 BUILD_FORMAT = 3
 QWEN2VL_SHARD_SIZE = "40KB"
-FLUX_SHARD_SIZE = "120KB"
+FLUX_SHARD_SIZE = "2MB"
 
 # Written for this project; mirrors what the released Qwen2-VL template renders: a default system
 # turn, images as <|vision_start|><|image_pad|><|vision_end|>, and the assistant generation prompt.

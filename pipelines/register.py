@@ -22,9 +22,8 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from components.conditioning_check import CheckResult
 from pipelines.config import PipelineConfig
 from pipelines.train import (
     dataset_root,
@@ -33,6 +32,9 @@ from pipelines.train import (
     with_absolute_paths,
 )
 from pipelines.train_tracking import metric_entities, tracking_uri
+
+if TYPE_CHECKING:
+    from components.conditioning_check import CheckResult
 
 PARENT_MARKER = "train_parent_run.json"
 
@@ -227,9 +229,6 @@ def conditioning_checks(config: PipelineConfig, parts, model, *, convention) -> 
     import torch
 
     from components import conditioning_check as probe
-    from components.generator import GenerationRequest, Generator
-    from components.loader import collate_samples
-    from components.training_loop import validation_samples
 
     configured = config.registry.conditioning
     if not configured.modes:
@@ -245,38 +244,58 @@ def conditioning_checks(config: PipelineConfig, parts, model, *, convention) -> 
     )
     results = []
     if "text" in check.modes:
-        width, height = _largest_bucket_size(by_bucket)
-        generator = Generator(parts)
-
-        def generate(prompt: str, seed: int) -> torch.Tensor:
-            request = GenerationRequest(
-                mode="text",
-                width=width,
-                height=height,
-                prompt=prompt,
-                seed=seed,
-                steps=check.num_steps,
-            )
-            return generator.generate_latents(request)
-
+        generate = _text_generation(parts, size=_largest_bucket_size(by_bucket), check=check)
         results.append(probe.text_check(generate, centroids_KC=centroids, config=check))
     if "variation" in check.modes:
-        features, truth = [], []
-        for rows in by_bucket.values():
-            chosen = _per_class(rows, check.references_per_class)
-            if chosen:
-                batch = collate_samples([sample for sample, _ in chosen])
-                generated = validation_samples(
-                    model, batch, objective=config.train.objective, convention=convention
-                )
-                features.append(probe.latent_feature(generated))
-                truth += [label for _, label in chosen]
+        features, truth = _variation_features(config, model, by_bucket, convention=convention)
         results.append(
-            probe.score(
-                "variation", torch.cat(features), truth, centroids_KC=centroids, config=check
-            )
+            probe.score("variation", features, truth, centroids_KC=centroids, config=check)
         )
     return tuple(dataclasses.replace(result, skipped_classes=skipped) for result in results)
+
+
+def _text_generation(parts, *, size: tuple[int, int], check):
+    """generate(prompt, seed) -> raw latents [1, C, h, w] through the Generator (text mode)."""
+    from components.generator import GenerationRequest, Generator
+
+    generator = Generator(parts)
+    width, height = size
+
+    def generate(prompt: str, seed: int):
+        request = GenerationRequest(
+            mode="text",
+            width=width,
+            height=height,
+            prompt=prompt,
+            seed=seed,
+            steps=check.num_steps,
+        )
+        return generator.generate_latents(request)
+
+    return generate
+
+
+def _variation_features(config: PipelineConfig, model, by_bucket, *, convention):
+    """Image-only generations from `references_per_class` rows per class and bucket: their
+    features [N, C] and the classes they were drawn from."""
+    import torch
+
+    from components.conditioning_check import latent_feature
+    from components.loader import collate_samples
+    from components.training_loop import validation_samples
+
+    check = config.registry.conditioning
+    features, truth = [], []
+    for rows in by_bucket.values():
+        chosen = _per_class(rows, check.references_per_class)
+        if chosen:
+            batch = collate_samples([sample for sample, _ in chosen])
+            generated = validation_samples(
+                model, batch, objective=config.train.objective, convention=convention
+            )
+            features.append(latent_feature(generated))
+            truth += [label for _, label in chosen]
+    return torch.cat(features), truth
 
 
 def _labelled_samples(root: Path, check) -> dict[str, list[tuple[dict, str]]]:
