@@ -16,6 +16,9 @@ from pathlib import Path
 # Ray puts unix sockets at <temp>/session_<date>_<pid>/sockets/plasma_store (~62 more bytes) and
 # the kernel caps such paths at 107 bytes: deep run folders get a short temp root instead.
 _MAX_TEMP_DIR_CHARS = 44
+PLACEMENT_GROUP_CLEANER_LOGGER = (
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+)
 
 
 def local_temp_dir(temp_root: Path) -> str:
@@ -55,10 +58,6 @@ def ray_session(run, *, temp_root: Path) -> Iterator[None]:
     finally:
         ray.shutdown()
 
-
-PLACEMENT_GROUP_CLEANER_LOGGER = (
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-)
 
 
 def quiet_local_worker() -> None:
