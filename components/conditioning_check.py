@@ -117,7 +117,7 @@ def present_classes(
 
 
 def latent_feature(raw_BCHW: torch.Tensor) -> torch.Tensor:
-    """Per-channel spatial mean of raw VAE latents: [B, C] float32."""
+    """Per-channel spatial mean of raw VAE latents: [..., C, H, W] -> [..., C] float32."""
     return raw_BCHW.float().mean(dim=(-2, -1))
 
 

@@ -59,12 +59,12 @@ class GateResult:
 
     def message(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
-        lines = [
+        loss_line = (
             f"gate {verdict}: held-out validation loss {self.validation_loss:.4f} vs untrained "
             f"{self.base_validation_loss:.4f} ({self.improvement:+.1%} better; "
             f"needs >= {self.min_improvement:.1%})"
-        ]
-        return "\n".join(lines + [f"  {check.message()}" for check in self.checks])
+        )
+        return "\n".join([loss_line, *(f"  {check.message()}" for check in self.checks)])
 
     def metrics(self) -> dict[str, float]:
         metrics = {
@@ -210,7 +210,7 @@ def evaluate_gate(config: PipelineConfig, parts) -> GateResult:
     losses = validation_losses(trained.eval(), batch, objective=objective, convention=convention)
     loss, base_loss = _mean(losses), _mean(base_losses)
     improvement = 1.0 - loss / base_loss if base_loss > 0 else 0.0
-    checks = conditioning_checks(config, parts, trained.eval(), convention=convention)
+    checks = conditioning_checks(config, parts, trained, convention=convention)
     passed = math.isfinite(loss) and improvement >= config.registry.min_improvement
     return GateResult(
         passed=passed and all(check.passed for check in checks),
@@ -238,7 +238,7 @@ def conditioning_checks(config: PipelineConfig, parts, model, *, convention) -> 
     check = probe.present_classes([label for _, label in pairs], configured)
     skipped = tuple(word for word in configured.class_words if word not in check.class_words)
     centroids = probe.class_centroids(
-        torch.stack([probe.latent_feature(sample["vae_latent"][None])[0] for sample, _ in pairs]),
+        torch.stack([probe.latent_feature(sample["vae_latent"]) for sample, _ in pairs]),
         [label for _, label in pairs],
         check.class_words,
     )
@@ -247,7 +247,9 @@ def conditioning_checks(config: PipelineConfig, parts, model, *, convention) -> 
         generate = _text_generation(parts, size=_largest_bucket_size(by_bucket), check=check)
         results.append(probe.text_check(generate, centroids_KC=centroids, config=check))
     if "variation" in check.modes:
-        features, truth = _variation_features(config, model, by_bucket, convention=convention)
+        features, truth = _variation_features(
+            config, model, by_bucket, check=check, convention=convention
+        )
         results.append(
             probe.score("variation", features, truth, centroids_KC=centroids, config=check)
         )
@@ -275,7 +277,7 @@ def _text_generation(parts, *, size: tuple[int, int], check):
     return generate
 
 
-def _variation_features(config: PipelineConfig, model, by_bucket, *, convention):
+def _variation_features(config: PipelineConfig, model, by_bucket, *, check, convention):
     """Image-only generations from `references_per_class` rows per class and bucket: their
     features [N, C] and the classes they were drawn from."""
     import torch
@@ -284,7 +286,6 @@ def _variation_features(config: PipelineConfig, model, by_bucket, *, convention)
     from components.loader import collate_samples
     from components.training_loop import validation_samples
 
-    check = config.registry.conditioning
     features, truth = [], []
     for rows in by_bucket.values():
         chosen = _per_class(rows, check.references_per_class)
