@@ -28,7 +28,7 @@ from components.control import (
     union_mode,
 )
 from components.encode import EncodeConfig, SampleEncoder
-from model.conditioning import image_token_states, real_token_states
+from model.conditioning import empty_conditioning, image_token_states, real_token_states
 from model.flow_matching import (
     add_noise,
     latent_image_ids,
@@ -57,7 +57,7 @@ from model.generation import (
     repaint_mask,
 )
 from model.qwen2vl_tail import PromptBatch, run_prefix
-from model.sampling import euler_sample, flux_sigmas
+from model.sampling import euler_sample, flux_sigmas, guided_velocity
 
 MODES = ("text", "variation", "image_text", "img2img", "inpaint")
 """text: prompt through Qwen2-VL; variation: reference image tokens only (no prompt);
@@ -144,6 +144,11 @@ class GenerationRequest:
     steps: int = 28
     guidance: float | None = None
     """None = the package's default."""
+    cfg_scale: float = 1.0
+    """True classifier-free guidance: v = v_uncond + cfg_scale * (v_cond - v_uncond), where the
+    unconditional input is a dropped training sample (no tokens, the empty prompt's pooled
+    vector). 1.0 = off, one FLUX call per step (the released model's way, which relies on the
+    guidance embedding alone); any other value costs a second call per step."""
     control: tuple[ControlInput, ...] = ()
     """ControlNet controls (any mode); their residuals are summed at every Euler step."""
 
@@ -215,6 +220,8 @@ def _check_sampling(request: GenerationRequest) -> None:
         raise ValueError(
             f"guidance: must be a finite number >= 0 or None, got {request.guidance!r}"
         )
+    if not _is_real(request.cfg_scale) or request.cfg_scale < 0:
+        raise ValueError(f"cfg_scale: must be a finite number >= 0, got {request.cfg_scale!r}")
 
 
 def _check_inputs(request: GenerationRequest) -> None:
@@ -372,6 +379,18 @@ class Generator:
         velocity = partial(
             self._velocity, image_ids_L3=image_ids_L3, conditioning=conditioning, controls=controls
         )
+        if request.cfg_scale != 1.0:
+            velocity = partial(
+                guided_velocity,
+                conditional=velocity,
+                unconditional=partial(
+                    self._velocity,
+                    image_ids_L3=image_ids_L3,
+                    conditioning=self._unconditional(conditioning),
+                    controls=controls,
+                ),
+                scale=float(request.cfg_scale),
+            )
         if request.mode in INIT_IMAGE_MODES:
             packed_BLC = self._sample_from_init(
                 request, reference, velocity=velocity, noise_BLC=noise_BLC, sigmas_N1=sigmas_N1
@@ -503,6 +522,19 @@ class Generator:
                 if self.has_guidance_embeds
                 else None
             ),
+        )
+
+    def _unconditional(self, conditioning: FluxConditioning) -> FluxConditioning:
+        """What a dropped training sample gets: one masked zero token after the connector's
+        input (as training pads an empty choice), the empty prompt's pooled vector."""
+        hidden_BLD, mask_BL = empty_conditioning(
+            1, hidden_size=self.parts.connector.in_features, like=conditioning.hidden_BTD
+        )
+        return FluxConditioning(
+            hidden_BTD=self.parts.connector(hidden_BLD),
+            mask_BT=mask_BL,
+            pooled_BP=self._empty_pooled_P[None].to(self.device, self.dtype),
+            guidance_B=conditioning.guidance_B,
         )
 
     def _velocity(

@@ -57,6 +57,7 @@ REQUEST_COLUMNS = (
     "seed",
     "steps",
     "guidance",
+    "cfg_scale",
     "strength",
     "image",
     "mask",
@@ -138,7 +139,7 @@ def request_from_row(row: dict[str, Any]):
         with Image.open(io.BytesIO(row[name])) as opened:
             return opened.convert("L" if name == "mask" else "RGB")
 
-    optional = {"strength": float, "guidance": float, "seed": int, "steps": int}
+    optional = {"strength": float, "guidance": float, "cfg_scale": float, "seed": int, "steps": int}
     return GenerationRequest(
         mode=str(row["mode"]),
         width=int(row["width"]),
@@ -152,11 +153,12 @@ def request_from_row(row: dict[str, Any]):
 
 def request_signature() -> ModelSignature:
     """The pyfunc signature, inferred from example request and result frames (image, mask,
-    guidance and png optional)."""
+    guidance, cfg_scale and png optional)."""
     requests = pd.DataFrame(
         [
-            ["text-1", "text", "a red cat", 512, 512, 0, 28, 3.5, 0.8, None, None],
-            ["paint-1", "inpaint", "", 512, 512, 1, 28, float("nan"), 0.6, b"png", b"png"],
+            ["text-1", "text", "a red cat", 512, 512, 0, 28, 3.5, 3.0, 0.8, None, None],
+            ["paint-1", "inpaint", "", 512, 512, 1, 28, float("nan"), float("nan"), 0.6]
+            + [b"png", b"png"],
         ],
         columns=list(REQUEST_COLUMNS),
     )

@@ -6,9 +6,9 @@ checked by the URL policy), strength, focus (JSON: {"center_x", "center_y", "rad
 {"rows", "columns", "cells": [[row, column], ...]}), control (a list, or JSON text of a list, of
 {"kind": "depth" | "line", "image": path or URL, "strength": 0..2 (default depth 0.2, line
 0.4), "preprocessed": true when the image already is the control map}), aspect ("16:9", one of
-the report's ratios, or "WxH"), seed, steps, guidance. Missing optional fields take the
-defaults. A broken row never raises out of `parse_request` as anything but RequestError, so one
-bad request cannot stop a batch.
+the report's ratios, or "WxH"), seed, steps, guidance, cfg_scale (true classifier-free
+guidance, 1 = off). Missing optional fields take the defaults. A broken row never raises out of
+`parse_request` as anything but RequestError, so one bad request cannot stop a batch.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ REQUEST_FIELDS = (
     "seed",
     "steps",
     "guidance",
+    "cfg_scale",
 )
 PARSE_ERROR_KEY = "_parse_error"
 """Set on a row that could not even be read (a malformed JSONL line)."""
@@ -151,6 +152,7 @@ def parse_request(
         seed=_number(row, "seed", 0, int),
         steps=_number(row, "steps", defaults.steps, int),
         guidance=_number(row, "guidance", None, float),
+        cfg_scale=_number(row, "cfg_scale", 1.0, float),
     )
     if request.steps > defaults.max_steps:
         raise RequestError("steps", f"{request.steps} exceeds the limit {defaults.max_steps}")

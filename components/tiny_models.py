@@ -42,10 +42,11 @@ from transformers import (
 from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from components.demo_corpus import COLOURS, POSITIONS, SHAPES
 from model import presets
 
 MARKER_NAME = "tiny_models.json"
-BUILD_FORMAT = 3
+BUILD_FORMAT = 4
 QWEN2VL_SHARD_SIZE = "40KB"
 FLUX_SHARD_SIZE = "2MB"
 
@@ -67,7 +68,7 @@ QWEN2VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_TOKENIZER_CORPUS = (
+_GENERAL_TEXT = (
     "You are a helpful assistant.",
     "Describe this image.",
     "system user assistant",
@@ -77,6 +78,18 @@ _TOKENIZER_CORPUS = (
     "close up portrait of a dog with green eyes",
     "the quick brown fox jumps over the lazy dog 0123456789",
 )
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Text the tiny tokenizers are trained on: general lines plus every word the demo corpus
+    captions use, so "yellow" or "background" is one token as in the real vocabularies (with
+    the general lines alone, 6 of the 9 colour words fell apart into letters)."""
+    lines = list(_GENERAL_TEXT)
+    for colour in sorted(COLOURS):
+        for shape in SHAPES:
+            for position in sorted(POSITIONS):
+                lines.append(f"a {colour} {shape} in the {position} on an {colour} background")
+    return lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +186,7 @@ def _build_qwen2vl_tokenizer() -> Qwen2Tokenizer:
     )
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.train_from_iterator(list(_TOKENIZER_CORPUS) * 4, trainer)
+    backend.train_from_iterator(_tokenizer_corpus() * 4, trainer)
     model_json = json.loads(backend.to_str())["model"]
     tokenizer = Qwen2Tokenizer(
         vocab=model_json["vocab"],
@@ -258,12 +271,26 @@ def _write_depth(out: Path, *, seed: int) -> None:
 
 
 def _build_clip_tokenizer() -> CLIPTokenizer:
-    """Character-level CLIP tokenizer: every byte symbol, plain and word-final (</w>)."""
+    """CLIP-style BPE trained in-process: every byte symbol, plain and word-final (</w>), then
+    the learned merges, as CLIP-L's vocab.json and merges.txt are laid out."""
     vocab = {token: index for index, token in enumerate(presets.CLIP_SPECIAL_TOKENS)}
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[symbol] = len(vocab)
         vocab[symbol + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    trainer = trainers.BpeTrainer(
+        vocab_size=presets.TINY_CLIP_VOCAB_SIZE - len(vocab),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    backend = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator([line.lower() for line in _tokenizer_corpus()] * 4, trainer)
+    merges = [tuple(merge) for merge in json.loads(backend.to_str())["model"]["merges"]]
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    if len(vocab) > presets.TINY_CLIP_VOCAB_SIZE:
+        raise AssertionError(f"tiny CLIP vocab {len(vocab)} > {presets.TINY_CLIP_VOCAB_SIZE}")
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def _flux_model_index() -> dict:

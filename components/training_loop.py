@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from model.conditioning import (
     IMAGE_AND_CAPTION,
     Connector,
     assemble_conditioning,
+    empty_conditioning,
     image_token_states,
     pad_tokens,
     real_token_states,
@@ -45,7 +47,7 @@ from model.flow_matching import (
 )
 from model.flux_forward import FluxConditioning, predict_velocity
 from model.qwen2vl_tail import Qwen2VLTail
-from model.sampling import euler_sample, flux_sigmas
+from model.sampling import euler_sample, flux_sigmas, guided_velocity
 from model.schedule import trapezoid_factor
 
 
@@ -414,9 +416,11 @@ def validation_samples(
     *,
     objective: ObjectiveConfig,
     convention: LatentConvention,
+    cfg_scale: float = 1.0,
 ) -> torch.Tensor:
     """Fixed-seed generations from the held-out references (image-only conditioning), as raw
-    VAE latents shaped like batch["vae_latent"]: FLUX's Euler sampler, GRID_SAMPLING_STEPS."""
+    VAE latents shaped like batch["vae_latent"]: FLUX's Euler sampler, GRID_SAMPLING_STEPS;
+    cfg_scale != 1 guides against the dropped-sample input (as the Generator does)."""
     raw = batch["vae_latent"]
     height, width = raw.shape[-2:]
     generator = torch.Generator().manual_seed(GRID_SEED)
@@ -432,9 +436,26 @@ def validation_samples(
         )
         ids = latent_image_ids(height, width_latent=width).to(raw.device)
         sigmas = flux_sigmas(GRID_SAMPLING_STEPS, mu=resolution_shift_mu(noise.shape[1]))
-        velocity = lambda x, s: predict_velocity(  # noqa: E731
-            model.transformer, x, image_ids_L3=ids, sigmas_B=s, conditioning=conditioning
-        )
+
+        def predictor(conditioning: FluxConditioning):
+            return lambda x, s: predict_velocity(
+                model.transformer, x, image_ids_L3=ids, sigmas_B=s, conditioning=conditioning
+            )
+
+        velocity = predictor(conditioning)
+        if cfg_scale != 1.0:
+            empty_hidden, empty_mask = empty_conditioning(
+                raw.shape[0], hidden_size=model.connector.in_features, like=hidden
+            )
+            unconditional = replace(
+                conditioning, hidden_BTD=model.connector(empty_hidden), mask_BT=empty_mask
+            )
+            velocity = partial(
+                guided_velocity,
+                conditional=velocity,
+                unconditional=predictor(unconditional),
+                scale=float(cfg_scale),
+            )
         packed = euler_sample(velocity, noise, sigmas_N1=sigmas.to(raw.device))
         generated = unpack_latents(packed, height=height, width=width)
         return unscale_latents(

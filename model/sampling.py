@@ -1,4 +1,4 @@
-"""FLUX's flow-matching Euler sampler (validation grids now; batch inference later).
+"""FLUX's flow-matching Euler sampler and classifier-free guidance of its velocity.
 
 The schedule is FLUX's: N sigmas evenly spaced from 1 to 1/N, moved by the resolution-dependent
 time shift, then a final 0; each step moves x along the predicted velocity:
@@ -44,3 +44,17 @@ def euler_sample(
         velocity_BLC = velocity(sample_BLC, sigma.expand(batch_size))
         sample_BLC = sample_BLC + (next_sigma - sigma) * velocity_BLC
     return sample_BLC
+
+
+def guided_velocity(
+    sample_BLC: torch.Tensor,
+    sigmas_B: torch.Tensor,
+    *,
+    conditional: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    unconditional: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    """Classifier-free guidance of a velocity: v_u + scale * (v_c - v_u) (scale 1 = v_c, 0 = v_u;
+    bind the two predictors with functools.partial to get a `velocity` for the samplers)."""
+    unconditional_BLC = unconditional(sample_BLC, sigmas_B)
+    return unconditional_BLC + scale * (conditional(sample_BLC, sigmas_B) - unconditional_BLC)

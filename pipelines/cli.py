@@ -76,8 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     one.add_argument("--id", default="generated", help="request id (the image file name)")
     for option in ("prompt", "image", "mask", "aspect", "focus", "control"):
         one.add_argument(f"--{option}", default=None)
-    for option, kind in (("seed", int), ("steps", int), ("guidance", float), ("strength", float)):
-        one.add_argument(f"--{option}", type=kind, default=None)
+    numbers = (("seed", int), ("steps", int), ("guidance", float), ("strength", float))
+    for option, kind in (*numbers, ("cfg_scale", float)):
+        one.add_argument(f"--{option.replace('_', '-')}", type=kind, default=None)
     return parser
 
 
@@ -178,8 +179,8 @@ def _generate(config, args: argparse.Namespace) -> int:
     from pipelines.infer import generate_one
 
     row = {"id": args.id, "mode": args.mode}
-    options = ("prompt", "image", "mask", "aspect", "focus", "control", "seed", "steps", "guidance")
-    for option in options:
+    options = ("prompt", "image", "mask", "aspect", "focus", "control", "seed", "steps")
+    for option in (*options, "guidance", "cfg_scale"):
         if getattr(args, option) is not None:
             row[option] = getattr(args, option)
     if args.strength is not None:

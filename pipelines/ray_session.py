@@ -59,7 +59,6 @@ def ray_session(run, *, temp_root: Path) -> Iterator[None]:
         ray.shutdown()
 
 
-
 def quiet_local_worker() -> None:
     """Worker setup hook of the in-process cluster: Ray Train's placement-group cleaner asks the
     state API (served by the dashboard, which a local run does not start) once a second whether

@@ -271,6 +271,7 @@ def _text_generation(parts, *, size: tuple[int, int], check):
             prompt=prompt,
             seed=seed,
             steps=check.num_steps,
+            cfg_scale=check.cfg_scale,
         )
         return generator.generate_latents(request)
 
@@ -292,7 +293,11 @@ def _variation_features(config: PipelineConfig, model, by_bucket, *, check, conv
         if chosen:
             batch = collate_samples([sample for sample, _ in chosen])
             generated = validation_samples(
-                model, batch, objective=config.train.objective, convention=convention
+                model,
+                batch,
+                objective=config.train.objective,
+                convention=convention,
+                cfg_scale=check.cfg_scale,
             )
             features.append(latent_feature(generated))
             truth += [label for _, label in chosen]

@@ -129,6 +129,26 @@ def test_prompt_and_guidance_change_the_image(generator, reference):
     assert _png(generator.generate(_request("image_text", reference))) != variation
 
 
+def test_cfg_scale_zero_ignores_the_prompt_and_the_scale_extrapolates(generator, reference):
+    # One Euler step lands on noise - v, linear in v: so the latent at scale s is exactly
+    # u + s * (c - u) with u the scale-0 (unconditional) and c the scale-1 (plain) latents.
+    text = _request("text", reference, steps=1)
+    unconditional = generator.generate_latents(replace(text, cfg_scale=0.0))
+    other_prompt = replace(text, prompt="mountain lake at dawn", cfg_scale=0.0)
+    assert torch.equal(generator.generate_latents(other_prompt), unconditional)
+    # The unconditional input is what a dropped training sample is, whatever the mode.
+    dropped_variation = generator.generate_latents(
+        replace(_request("variation", reference, steps=1), cfg_scale=0.0)
+    )
+    assert torch.equal(dropped_variation, unconditional)
+    conditional = generator.generate_latents(text)
+    assert not torch.allclose(conditional, unconditional)
+    guided = generator.generate_latents(replace(text, cfg_scale=3.0))
+    torch.testing.assert_close(
+        guided, unconditional + 3.0 * (conditional - unconditional), rtol=1e-4, atol=1e-4
+    )
+
+
 @pytest.fixture(scope="module")
 def training_batch(generator, reference) -> dict:
     """The reference + caption encoded by the data pipeline's encoder and collated by the
@@ -180,6 +200,19 @@ def test_variation_reproduces_the_training_validation_sampler(
     request = _request("variation", reference, seed=GRID_SEED, steps=GRID_SAMPLING_STEPS)
     # Same code path on both sides: measured max |diff| 0.0 on CPU; the tolerance is headroom.
     torch.testing.assert_close(generator.generate_latents(request), expected, rtol=0, atol=1e-5)
+    # Guided, both sides guide against the same dropped-sample input.
+    guided = validation_samples(
+        training_model,
+        training_batch,
+        objective=ObjectiveConfig(),
+        convention=convention,
+        cfg_scale=2.5,
+    )
+    assert not torch.allclose(guided, expected)
+    guided_request = replace(request, cfg_scale=2.5)
+    torch.testing.assert_close(
+        generator.generate_latents(guided_request), guided, atol=1e-5, rtol=0
+    )
 
 
 def test_reference_tokens_lie_on_the_merged_grid(generator, reference):
@@ -272,6 +305,8 @@ BAD_REQUESTS = [
     ({"steps": 0}, "steps: must be an integer >= 1"),
     ({"seed": -1}, "seed: must be an integer"),
     ({"guidance": float("nan")}, "guidance: must be a finite number"),
+    ({"cfg_scale": -1.0}, "cfg_scale: must be a finite number >= 0"),
+    ({"cfg_scale": float("inf")}, "cfg_scale: must be a finite number"),
     ({"focus": FocusCircle(center_x=1.2, center_y=0.5, radius=0.3)}, r"focus.center_x: .*\[0, 1\]"),
     ({"focus": FocusCircle(center_x=0.5, center_y=-0.1, radius=0.3)}, "focus.center_y"),
     ({"focus": FocusCircle(center_x=0.5, center_y=0.5, radius=0.0)}, "focus.radius: must be"),

@@ -48,25 +48,30 @@ def registered(tiny_trained_run):
 
 
 def test_conditioning_check_fails_a_model_trained_for_a_few_steps(registered):
-    # The session's run trains 20 steps; the demo's variation check needs a few hundred.
+    # The session's run trains 20 steps; the demo's checks need a few hundred.
     from components.model_package import load_package
     from pipelines.config import load_config
     from pipelines.register import evaluate_gate
 
     config, result = registered
     check = load_config("tiny").registry.conditioning
-    assert check.modes == ("variation",)
+    assert check.modes == ("variation", "text")
     strict = dataclasses.replace(
         config, registry=dataclasses.replace(config.registry, conditioning=check)
     )
     gate = evaluate_gate(strict, load_package(result.package_dir))
     print(gate.message())
-    (variation,) = gate.checks
+    text, variation = sorted(gate.checks, key=lambda check: check.mode)
     assert variation.num_samples >= 2 * len(check.class_words)
-    assert variation.accuracy < variation.chance + check.min_margin
-    assert not gate.passed and "conditioning check variation FAILED" in gate.message()
+    present = len(check.class_words) - len(text.skipped_classes)
+    assert text.num_samples == check.seeds_per_class * present
+    for result_of_check in (text, variation):
+        assert result_of_check.accuracy < result_of_check.chance + check.min_margin
+        assert f"conditioning check {result_of_check.mode} FAILED" in gate.message()
+    assert not gate.passed
     assert gate.validation_loss == pytest.approx(result.gate.validation_loss)
     assert gate.metrics()["conditioning_variation_accuracy"] == variation.accuracy
+    assert gate.metrics()["conditioning_text_accuracy"] == text.accuracy
 
 
 @pytest.fixture(scope="module")

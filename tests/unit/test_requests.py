@@ -116,6 +116,8 @@ def test_focus_json_and_objects(folder):
         ({"mode": "text", "prompt": "x", "steps": 500}, "steps"),
         ({"mode": "text", "prompt": "x", "steps": 2.5}, "steps"),
         ({"mode": "text", "prompt": "x", "seed": "seven"}, "seed"),
+        ({"mode": "text", "prompt": "x", "cfg_scale": -2.0}, "cfg_scale"),
+        ({"mode": "text", "prompt": "x", "cfg_scale": "strong"}, "cfg_scale"),
         ({"mode": "img2img", "image": "wide.png", "strength": 1.5}, "strength"),
         ({"mode": "text", "prompt": "x", "control": {"depth": "d.png"}}, "control"),
         ({"mode": "text", "prompt": "x", "control": "[{not json"}, "control"),
@@ -193,10 +195,11 @@ def test_urls_are_fetched_only_where_the_policy_allows(folder):
 
 def test_a_row_read_back_from_jsonl_parses(folder):
     row = {"id": "r1", "mode": "image_text", "image": "wide.png", "prompt": "a cat", "seed": 3}
-    (folder / "one.jsonl").write_text(json.dumps(row) + "\n")
+    (folder / "one.jsonl").write_text(json.dumps(row | {"cfg_scale": 2.5}) + "\n")
     (read,) = read_request_rows(folder / "one.jsonl")
     request = parse(read, folder)
     assert (request.mode, request.prompt, request.seed) == ("image_text", "a cat", 3)
+    assert (request.cfg_scale, parse(row, folder).cfg_scale) == (2.5, 1.0)
 
 
 def test_controls_from_lists_json_text_parquet_and_urls(folder):

@@ -16,6 +16,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from components.demo_corpus import COLOURS, POSITIONS, SHAPES
 from components.tiny_models import MARKER_NAME, build_tiny_models
 from model import presets
 
@@ -73,6 +74,18 @@ def test_qwen2vl_tokenizer_and_image_processor_reload(tiny_models_dir):
     assert ids.count(presets.tiny_qwen2vl_token_id("<|image_pad|>")) == 1
     processor = AutoImageProcessor.from_pretrained(tiny_models_dir.qwen2vl)
     assert (processor.patch_size, processor.merge_size) == (14, 2)
+
+
+def test_both_tokenizers_keep_the_demo_caption_words_whole(tiny_models_dir):
+    # As the real vocabularies do: a colour spelt letter by letter is barely a word to a random
+    # encoder (before the tokenizers learnt these words the text check stayed at chance).
+    qwen = AutoTokenizer.from_pretrained(tiny_models_dir.qwen2vl)
+    clip = CLIPTokenizer.from_pretrained(tiny_models_dir.flux, subfolder="tokenizer")
+    words = [*COLOURS, *SHAPES, *" ".join(POSITIONS).split(), "background", "on", "in", "the"]
+    for word in words:
+        assert qwen.tokenize(f" {word}") == [f"\u0120{word}"], word
+        assert clip.tokenize(word) == [f"{word}</w>"], word
+    assert clip.tokenize("Cats!") == ["c", "a", "t", "s</w>", "!</w>"]  # unknown words still work
 
 
 def test_flux_layout_reloads(tiny_models_dir):
