@@ -127,7 +127,7 @@ def request_from_row(row: dict[str, Any]):
     """A GenerationRequest from one request row (missing / NaN optional fields -> defaults)."""
     from PIL import Image
 
-    from components.generator import GenerationRequest
+    from components.generation_request import GenerationRequest
 
     def present(name: str) -> bool:
         value = row.get(name)

@@ -26,7 +26,12 @@ from PIL import Image
 
 from components.buckets import BucketConfig, build_buckets, nearest_bucket
 from components.control import ControlInput
-from components.generator import FocusCircle, FocusGrid, GenerationRequest
+from components.generation_request import (
+    FocusCircle,
+    FocusGrid,
+    GenerationRequest,
+    validate_request,
+)
 from components.url_policy import UrlPolicyConfig, check_url
 
 REQUEST_FIELDS = (
@@ -156,8 +161,6 @@ def parse_request(
     )
     if request.steps > defaults.max_steps:
         raise RequestError("steps", f"{request.steps} exceeds the limit {defaults.max_steps}")
-    from components.generator import validate_request
-
     try:
         validate_request(request)
     except ValueError as error:

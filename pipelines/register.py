@@ -258,7 +258,8 @@ def conditioning_checks(config: PipelineConfig, parts, model, *, convention) -> 
 
 def _text_generation(parts, *, size: tuple[int, int], check):
     """generate(prompt, seed) -> raw latents [1, C, h, w] through the Generator (text mode)."""
-    from components.generator import GenerationRequest, Generator
+    from components.generation_request import GenerationRequest
+    from components.generator import Generator
 
     generator = Generator(parts)
     width, height = size

@@ -18,11 +18,8 @@ from components.control import (
     load_controlnet,
     load_depth_detector,
 )
-from components.generator import (
-    GenerationRequest,
-    Generator,
-    validate_request,
-)
+from components.generation_request import GenerationRequest, validate_request
+from components.generator import Generator
 from components.requests import RequestDefaults, RequestError, parse_request
 
 pytestmark = pytest.mark.integration

@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from components.generator import (
+from components.generation_request import (
     MODES,
     FocusCircle,
     FocusGrid,
     GenerationRequest,
-    Generator,
     validate_request,
 )
+from components.generator import Generator
 from components.loader import collate_samples
 from components.training_loop import (
     GRID_SAMPLING_STEPS,

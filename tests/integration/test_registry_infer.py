@@ -47,31 +47,50 @@ def registered(tiny_trained_run):
     return config, run_registration(config)
 
 
-def test_conditioning_check_fails_a_model_trained_for_a_few_steps(registered):
-    # The session's run trains 20 steps; the demo's checks need a few hundred.
+def test_conditioning_checks_fail_the_untrained_model_and_a_20_step_one_fails_variation(
+    registered,
+):
+    # The demo's preset checks (both modes, guidance 3) on the tests' 48-row set. The control is
+    # the untrained start, which must score near chance on both; the session's 20-step model
+    # already follows the prompt's colour (text is learnt within tens of steps here; measured
+    # 0.38 over 32) but not yet the reference image (variation needs a few hundred steps).
     from components.model_package import load_package
     from pipelines.config import load_config
-    from pipelines.register import evaluate_gate
+    from pipelines.register import conditioning_checks, dataset_root, evaluate_gate
+    from pipelines.train_state import build_model
 
     config, result = registered
     check = load_config("tiny").registry.conditioning
-    assert check.modes == ("variation", "text")
+    assert check.modes == ("variation", "text") and check.cfg_scale > 1
     strict = dataclasses.replace(
         config, registry=dataclasses.replace(config.registry, conditioning=check)
     )
-    gate = evaluate_gate(strict, load_package(result.package_dir))
+    parts = load_package(result.package_dir)
+    gate = evaluate_gate(strict, parts)
     print(gate.message())
     text, variation = sorted(gate.checks, key=lambda check: check.mode)
     assert variation.num_samples >= 2 * len(check.class_words)
     present = len(check.class_words) - len(text.skipped_classes)
     assert text.num_samples == check.seeds_per_class * present
-    for result_of_check in (text, variation):
-        assert result_of_check.accuracy < result_of_check.chance + check.min_margin
-        assert f"conditioning check {result_of_check.mode} FAILED" in gate.message()
-    assert not gate.passed
+    assert not variation.passed and not gate.passed
+    assert "conditioning check variation FAILED" in gate.message()
     assert gate.validation_loss == pytest.approx(result.gate.validation_loss)
     assert gate.metrics()["conditioning_variation_accuracy"] == variation.accuracy
     assert gate.metrics()["conditioning_text_accuracy"] == text.accuracy
+
+    untrained, convention = build_model(strict, dataset_root=dataset_root(strict))
+    untrained.eval()
+    untrained_parts = dataclasses.replace(
+        parts,
+        transformer=untrained.transformer,
+        tail=untrained.tail,
+        connector=untrained.connector,
+    )
+    for untrained_check in conditioning_checks(
+        strict, untrained_parts, untrained, convention=convention
+    ):
+        print("untrained:", untrained_check.message())
+        assert not untrained_check.passed
 
 
 @pytest.fixture(scope="module")

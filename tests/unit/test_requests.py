@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from components.control import ControlInput
-from components.generator import FocusCircle, FocusGrid
+from components.generation_request import FocusCircle, FocusGrid
 from components.loopback_server import LoopbackServer
 from components.requests import (
     RequestDefaults,
