@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from diffusers import (
     FluxControlNetModel,
     FluxTransformer2DModel,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import (
     CLIPTextModel,
     CLIPTokenizer,
@@ -46,7 +47,7 @@ from components.demo_corpus import COLOURS, POSITIONS, SHAPES
 from model import presets
 
 MARKER_NAME = "tiny_models.json"
-BUILD_FORMAT = 4
+BUILD_FORMAT = 5
 QWEN2VL_SHARD_SIZE = "40KB"
 FLUX_SHARD_SIZE = "2MB"
 
@@ -177,20 +178,18 @@ def _write_qwen2vl(out: Path, *, seed: int) -> None:
 
 
 def _build_qwen2vl_tokenizer() -> Qwen2Tokenizer:
-    """Byte-level BPE trained in-process; special tokens hold ids 0.. (see presets)."""
-    trainer = trainers.BpeTrainer(
-        vocab_size=presets.TINY_QWEN2VL_VOCAB_SIZE - 64,
-        special_tokens=list(presets.QWEN2VL_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    """Byte-level BPE learnt in-process; special tokens hold ids 0.. (see presets)."""
+    vocab = {token: index for index, token in enumerate(presets.QWEN2VL_SPECIAL_TOKENS)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    splitter = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    words = Counter(
+        tuple(word) for line in _tokenizer_corpus() for word, _ in splitter.pre_tokenize_str(line)
     )
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.train_from_iterator(_tokenizer_corpus() * 4, trainer)
-    model_json = json.loads(backend.to_str())["model"]
+    merges = _learn_merges(words, vocab, size=presets.TINY_QWEN2VL_VOCAB_SIZE - 64)
     tokenizer = Qwen2Tokenizer(
-        vocab=model_json["vocab"],
-        merges=[tuple(merge) for merge in model_json["merges"]],
+        vocab=vocab,
+        merges=merges,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         model_max_length=32768,
@@ -271,26 +270,53 @@ def _write_depth(out: Path, *, seed: int) -> None:
 
 
 def _build_clip_tokenizer() -> CLIPTokenizer:
-    """CLIP-style BPE trained in-process: every byte symbol, plain and word-final (</w>), then
+    """CLIP-style BPE learnt in-process: every byte symbol, plain and word-final (</w>), then
     the learned merges, as CLIP-L's vocab.json and merges.txt are laid out."""
     vocab = {token: index for index, token in enumerate(presets.CLIP_SPECIAL_TOKENS)}
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[symbol] = len(vocab)
         vocab[symbol + "</w>"] = len(vocab)
-    trainer = trainers.BpeTrainer(
-        vocab_size=presets.TINY_CLIP_VOCAB_SIZE - len(vocab),
-        end_of_word_suffix="</w>",
-        show_progress=False,
+    words = Counter(
+        (*word[:-1], word[-1] + "</w>")
+        for line in _tokenizer_corpus()
+        for word, _ in pre_tokenizers.Whitespace().pre_tokenize_str(line.lower())
     )
-    backend = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator([line.lower() for line in _tokenizer_corpus()] * 4, trainer)
-    merges = [tuple(merge) for merge in json.loads(backend.to_str())["model"]["merges"]]
-    for left, right in merges:
-        vocab.setdefault(left + right, len(vocab))
-    if len(vocab) > presets.TINY_CLIP_VOCAB_SIZE:
-        raise AssertionError(f"tiny CLIP vocab {len(vocab)} > {presets.TINY_CLIP_VOCAB_SIZE}")
+    merges = _learn_merges(words, vocab, size=presets.TINY_CLIP_VOCAB_SIZE)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _learn_merges(
+    words: Counter[tuple[str, ...]], vocab: dict[str, int], *, size: int
+) -> list[tuple[str, str]]:
+    """BPE merges learnt greedily from word counts (symbol tuples), the most frequent adjacent
+    pair first and ties broken by the pair's text, so every build learns the same merges (the
+    tokenizers library's trainer breaks ties in hash order: its vocab changed between builds).
+    Each merged token is added to `vocab` until it holds `size` entries."""
+    merges = []
+    while len(vocab) < size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, count in words.items():
+            for pair in zip(symbols, symbols[1:], strict=False):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        words = Counter({_merge_pair(symbols, best): count for symbols, count in words.items()})
+    return merges
+
+
+def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged, index = [], 0
+    while index < len(symbols):
+        if symbols[index : index + 2] == pair:
+            merged.append(pair[0] + pair[1])
+            index += 2
+        else:
+            merged.append(symbols[index])
+            index += 1
+    return tuple(merged)
 
 
 def _flux_model_index() -> dict:
