@@ -8,7 +8,7 @@ one request, parsed and validated as far as its fields go) into an image.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from components.generation_request import (
     uses_reference_tokens,
     validate_request,
 )
-from model.conditioning import empty_conditioning, image_token_states, real_token_states
+from model.conditioning import image_token_states, real_token_states, unconditional_states
 from model.flow_matching import (
     add_noise,
     latent_image_ids,
@@ -339,17 +339,12 @@ class Generator:
         )
 
     def _unconditional(self, conditioning: FluxConditioning) -> FluxConditioning:
-        """What a dropped training sample gets: one masked zero token after the connector's
-        input (as training pads an empty choice), the empty prompt's pooled vector."""
-        hidden_BLD, mask_BL = empty_conditioning(
-            1, hidden_size=self.parts.connector.in_features, like=conditioning.hidden_BTD
+        """What a dropped training sample gets: no tokens, the empty prompt's pooled vector."""
+        hidden_BTD, mask_BT = unconditional_states(
+            self.parts.connector, 1, like=conditioning.hidden_BTD
         )
-        return FluxConditioning(
-            hidden_BTD=self.parts.connector(hidden_BLD),
-            mask_BT=mask_BL,
-            pooled_BP=self._empty_pooled_P[None].to(self.device, self.dtype),
-            guidance_B=conditioning.guidance_B,
-        )
+        pooled_BP = self._empty_pooled_P[None].to(conditioning.pooled_BP)
+        return replace(conditioning, hidden_BTD=hidden_BTD, mask_BT=mask_BT, pooled_BP=pooled_BP)
 
     def _velocity(
         self,

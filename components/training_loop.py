@@ -27,10 +27,10 @@ from model.conditioning import (
     IMAGE_AND_CAPTION,
     Connector,
     assemble_conditioning,
-    empty_conditioning,
     image_token_states,
     pad_tokens,
     real_token_states,
+    unconditional_states,
 )
 from model.flow_matching import (
     add_noise,
@@ -444,12 +444,8 @@ def validation_samples(
 
         velocity = predictor(conditioning)
         if cfg_scale != 1.0:
-            empty_hidden, empty_mask = empty_conditioning(
-                raw.shape[0], hidden_size=model.connector.in_features, like=hidden
-            )
-            unconditional = replace(
-                conditioning, hidden_BTD=model.connector(empty_hidden), mask_BT=empty_mask
-            )
+            empty_BTD, empty_BT = unconditional_states(model.connector, raw.shape[0], like=hidden)
+            unconditional = replace(conditioning, hidden_BTD=empty_BTD, mask_BT=empty_BT)
             velocity = partial(
                 guided_velocity,
                 conditional=velocity,

@@ -154,3 +154,14 @@ def empty_conditioning(
     hidden_BLD = like.new_zeros(batch_size, 1, hidden_size)
     mask_BL = torch.zeros(batch_size, 1, dtype=torch.bool, device=like.device)
     return hidden_BLD, mask_BL
+
+
+def unconditional_states(
+    connector: Connector, batch_size: int, *, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`empty_conditioning` through the connector: FLUX's encoder states [B, 1, D] and mask
+    [B, 1] (all False) for the unconditional branch of classifier-free guidance."""
+    hidden_BLD, mask_BL = empty_conditioning(
+        batch_size, hidden_size=connector.in_features, like=like
+    )
+    return connector(hidden_BLD), mask_BL
