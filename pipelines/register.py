@@ -272,7 +272,7 @@ def _text_generation(parts, *, size: tuple[int, int], check):
             prompt=prompt,
             seed=seed,
             steps=check.num_steps,
-            cfg_scale=check.cfg_scale,
+            cfg_scale=check.text_cfg_scale,
         )
         return generator.generate_latents(request)
 
@@ -298,7 +298,7 @@ def _variation_features(config: PipelineConfig, model, by_bucket, *, check, conv
                 batch,
                 objective=config.train.objective,
                 convention=convention,
-                cfg_scale=check.cfg_scale,
+                cfg_scale=check.variation_cfg_scale,
             )
             features.append(latent_feature(generated))
             truth += [label for _, label in chosen]
