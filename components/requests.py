@@ -164,7 +164,9 @@ def parse_request(
     try:
         validate_request(request)
     except ValueError as error:
-        raise RequestError(_field_of(str(error)), str(error)) from None
+        field_name = _field_of(str(error))
+        # The message starts with the field already ("seed: must be ..."): say it once.
+        raise RequestError(field_name, str(error).removeprefix(f"{field_name}: ")) from None
     return request
 
 

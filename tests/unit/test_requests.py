@@ -172,6 +172,7 @@ def test_bad_rows_name_their_field(folder, row, field):
     with pytest.raises(RequestError) as caught:
         parse(row, folder)
     assert caught.value.field == field, str(caught.value)
+    assert not str(caught.value).startswith(f"{field}: {field}:"), str(caught.value)
 
 
 def test_urls_are_fetched_only_where_the_policy_allows(folder):
