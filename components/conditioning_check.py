@@ -181,9 +181,9 @@ def text_check(
 
     Features are centred per seed: one seed's noise moves every class's sample alike, and that
     shared part says nothing about the prompt."""
+    prompts = [config.prompt_template.replace("{word}", word) for word in config.class_words]
     features, truth = [], []
     for seed in range(config.seeds_per_class):
-        prompts = [config.prompt_template.replace("{word}", word) for word in config.class_words]
         one_seed = torch.cat([latent_feature(generate_latents(p, seed)) for p in prompts])
         features.append(one_seed - one_seed.mean(dim=0))
         truth += list(config.class_words)
