@@ -43,7 +43,7 @@ from transformers import (
 from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from components.demo_corpus import COLOURS, POSITIONS, SHAPES
+from components.data.demo_corpus import COLOURS, POSITIONS, SHAPES
 from model import presets
 
 MARKER_NAME = "tiny_models.json"

@@ -1,11 +1,11 @@
 """The maths of the generation modes: latent sizes, attention-focus weights, img2img start, inpaint.
 
-Pure torch, no I/O. components/generator.py composes these with the encoders, the connector and
-FLUX. Focus weights multiply the reference image's token states, which Qwen2-VL lays out row-major
-on the merged grid (grid_thw's h/merge x w/merge). img2img starts the Euler sampler part-way
-down FLUX's sigmas from the init latent noised as rectified flow does, x = (1 - s) x0 + s noise;
-inpaint also resets the kept (unmasked) latents to the init latent at the next sigma after each
-step.
+Pure torch, no I/O. components/inference/generator.py composes these with the encoders, the
+connector and FLUX. Focus weights multiply the reference image's token states, which Qwen2-VL lays
+out row-major on the merged grid (grid_thw's h/merge x w/merge). img2img starts the Euler sampler
+part-way down FLUX's sigmas from the init latent noised as rectified flow does, x = (1 - s) x0 + s
+noise; inpaint also resets the kept (unmasked) latents to the init latent at the next sigma after
+each step.
 
 Legend: B batch, L packed latent tokens, C packed channels, N steps, H/W pixel or latent sizes
 (named), G grid tokens (rows x columns of the merged image-token grid).

@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.buckets import BucketConfig
-from components.conditioning_check import ConditioningCheckConfig
-from components.download import DownloadConfig
-from components.encode import EncodeConfig
-from components.filters import FilterConfig
-from components.requests import RequestDefaults
-from components.training_loop import GuardConfig, ObjectiveConfig, OptimizerConfig, StageConfig
-from components.url_policy import UrlPolicyConfig
+from components.data.buckets import BucketConfig
+from components.data.download import DownloadConfig
+from components.data.encode import EncodeConfig
+from components.data.filters import FilterConfig
+from components.data.url_policy import UrlPolicyConfig
+from components.evaluation.conditioning_check import ConditioningCheckConfig
+from components.inference.request_rows import RequestDefaults
+from components.training.objective import GuardConfig, ObjectiveConfig, OptimizerConfig, StageConfig
 from pipelines.config_loading import ConfigError, apply_override, build, load_toml
 
 CONFIG_DIR = Path(__file__).parent / "configs"

@@ -20,9 +20,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components import shards
-from components.buckets import build_buckets, fit_to_bucket
-from components.filters import find_duplicates, normalise_image
+from components.data import shard_format
+from components.data.buckets import build_buckets, fit_to_bucket
+from components.data.filters import find_duplicates, normalise_image
 from pipelines.config import DataConfig, PipelineConfig
 from pipelines.config_loading import config_hash
 from pipelines.data_chunks import ChunkConfigs, process_chunk
@@ -74,7 +74,7 @@ def run_data(config: PipelineConfig, *, show_progress: bool = True) -> DataSumma
 @contextlib.contextmanager
 def _served_source(config: PipelineConfig, layout: DataLayout) -> Iterator[tuple[pa.Table, str]]:
     """The url list, with a loopback server over `serve_dir` (or the synthetic corpus)."""
-    from components.loopback_server import LoopbackServer
+    from components.data.loopback_server import LoopbackServer
 
     source_config = config.data.source
     url_list, serve_dir = source_config.url_list, source_config.serve_dir
@@ -90,7 +90,7 @@ def _served_source(config: PipelineConfig, layout: DataLayout) -> Iterator[tuple
 
 
 def _write_demo_corpus(folder: Path, config: PipelineConfig) -> Path:
-    from components.demo_corpus import write_synthetic_corpus, write_url_list
+    from components.data.demo_corpus import write_synthetic_corpus, write_url_list
 
     url_list = folder / "urls.parquet"
     if not url_list.exists():
@@ -124,7 +124,7 @@ def _check_state(layout: DataLayout, config: DataConfig, source: pa.Table) -> No
                     "or choose a new run.root"
                 )
         return
-    shards.write_json_atomic(layout.state, state)
+    shard_format.write_json_atomic(layout.state, state)
     write_table_atomic(source, layout.source)
 
 
@@ -235,7 +235,7 @@ def _pending_groups(layout: DataLayout, duplicates: dict) -> list[dict[str, Any]
             if row["reason"] == "kept" and row["sample_key"] not in duplicates:
                 by_bucket.setdefault(row["bucket_id"], []).append(row["sample_key"])
         for bucket_id, keys in sorted(by_bucket.items()):
-            if not shards.shard_path(layout.data, bucket_id, index).exists():
+            if not shard_format.shard_path(layout.data, bucket_id, index).exists():
                 groups.append(
                     {
                         "chunk_index": index,
@@ -258,7 +258,7 @@ class GroupEncoder:
     def __init__(self, config: DataConfig):
         import torch
 
-        from components.encode import SampleEncoder
+        from components.data.encode import SampleEncoder
 
         self._config = config
         # One intra-op thread per reserved CPU: an inherited OMP_NUM_THREADS would oversubscribe.
@@ -287,8 +287,8 @@ class GroupEncoder:
         outcomes = {
             row["sample_key"]: row for row in pq.read_table(layout.chunk_outcome(index)).to_pylist()
         }
-        writer = shards.ShardWriter(
-            shards.shard_path(layout.data, bucket_id, index),
+        writer = shard_format.ShardWriter(
+            shard_format.shard_path(layout.data, bucket_id, index),
             max_row_group_bytes=self._config.shards.max_row_group_bytes,
             compression=self._config.shards.compression,
         )

@@ -18,10 +18,10 @@ from urllib.parse import urljoin, urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.buckets import BucketConfig
-from components.download import DownloadConfig, download_chunk
-from components.filters import FilterConfig, Rejection, filter_sample
-from components.url_policy import UrlPolicyConfig, check_url
+from components.data.buckets import BucketConfig
+from components.data.download import DownloadConfig, download_chunk
+from components.data.filters import FilterConfig, Rejection, filter_sample
+from components.data.url_policy import UrlPolicyConfig, check_url
 from pipelines.data_layout import OUTCOME_SCHEMA, SCORE_COLUMNS, DataLayout, write_table_atomic
 
 

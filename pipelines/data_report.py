@@ -20,8 +20,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components import shards
-from components.buckets import build_buckets
+from components.data import shard_format
+from components.data.buckets import build_buckets
 from pipelines.config_loading import config_hash
 from pipelines.data_layout import DataLayout, table_sha256
 
@@ -64,7 +64,7 @@ class DataSummary:
 
 def write_encoder_description(layout: DataLayout, description: dict[str, Any]) -> None:
     """Called by encoder actors: what encoded the shards (same content from every actor)."""
-    shards.write_json_atomic(layout.data / ENCODERS_FILE, description)
+    shard_format.write_json_atomic(layout.data / ENCODERS_FILE, description)
 
 
 def build_manifest(
@@ -123,7 +123,7 @@ def build_manifest(
             "columns_uncompressed": summary.column_bytes_per_sample,
         },
     }
-    summary.manifest_path = str(shards.write_manifest(layout.data, manifest))
+    summary.manifest_path = str(shard_format.write_manifest(layout.data, manifest))
     return summary
 
 
@@ -139,14 +139,14 @@ def _rejections(outcomes: list[dict[str, Any]], duplicates: dict) -> dict[str, d
 
 def _shard_entries(layout: DataLayout) -> tuple[list[dict[str, Any]], dict[str, int]]:
     entries, column_bytes = [], Counter()
-    for path in shards.list_shards(layout.data):
+    for path in shard_format.list_shards(layout.data):
         metadata_ = pq.read_metadata(path)
         for group in range(metadata_.num_row_groups):
             row_group = metadata_.row_group(group)
             for column in range(row_group.num_columns):
                 chunk = row_group.column(column)
                 name = chunk.path_in_schema.split(".")[0]
-                if name in shards.REQUIRED_TENSORS + shards.OPTIONAL_TENSORS:
+                if name in shard_format.REQUIRED_TENSORS + shard_format.OPTIONAL_TENSORS:
                     column_bytes[name] += chunk.total_uncompressed_size
         entries.append(
             {
@@ -177,7 +177,7 @@ def _per_bucket(config, shard_entries: list[dict[str, Any]]) -> dict[str, dict[s
 
 def _tensor_dtypes(layout: DataLayout) -> dict[str, str]:
     """Stored dtype of every tensor column (read from the first shard; all shards agree)."""
-    paths = shards.list_shards(layout.data)
+    paths = shard_format.list_shards(layout.data)
     if not paths:
         return {}
     table = pq.read_table(paths[0]).slice(0, 1)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.requests import (
+from components.inference.request_rows import (
     RequestDefaults,
     RequestError,
     parse_request,
@@ -112,9 +112,9 @@ class InferenceWorker:
     ) -> None:
         from dataclasses import replace
 
-        from components.control import load_controlnet, load_depth_detector
-        from components.generator import Generator
-        from components.model_package import load_package
+        from components.inference.control import load_controlnet, load_depth_detector
+        from components.inference.generator import Generator
+        from components.inference.package import load_package
         from pipelines.config_loading import build
 
         parts = load_package(Path(package_dir), name=name, version=version)
@@ -259,7 +259,7 @@ def generate_one(config, *, model: str, row: dict[str, Any], out_dir: Path) -> d
 def resolve_model(config, model: str, *, cache_dir: Path) -> ModelRef:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, or a local package folder."""
     if model.startswith("models:/"):
-        from components.registry import resolve_package
+        from components.inference.registry import resolve_package
         from pipelines.train_tracking import tracking_uri
 
         package_dir, name, version = resolve_package(

@@ -3,7 +3,7 @@
 Builds FLUX.1-dev's transformer and Qwen2-VL-7B's last decoder layer + final norm from their
 public config.json files (shipped in `pipelines/reference_configs/`, or a local checkpoint folder
 with the same layout) on the meta device: shapes only, no weights, nothing allocated. The maths
-lives in `model/planner.py`; this module measures the shapes and prints the plan.
+lives in `components/training/capacity.py`; this module measures the shapes and prints the plan.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from diffusers import FluxTransformer2DModel
 from transformers import Qwen2VLConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, Qwen2VLRMSNorm
 
-from model.flux_stages import STAGE_BLOCKS, num_blocks, trainable_parameter_names
-from model.planner import (
+from components.training.capacity import (
     GIB,
     BlockShape,
     EncoderTailShape,
@@ -30,6 +29,7 @@ from model.planner import (
     flux_single_saved_values,
     plan_stage,
 )
+from model.flux_stages import STAGE_BLOCKS, num_blocks, trainable_parameter_names
 from model.presets import FLUX_REAL_ID, QWEN2VL_REAL_ID
 from pipelines.config_loading import ConfigError, load_toml
 

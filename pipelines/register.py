@@ -5,7 +5,7 @@
 
 `run_registration(config)`:
 1. finds the training's final checkpoint (last stage, last step) in `train.storage_path`;
-2. exports the model package (components/model_package.py) to <run.root>/packages/<parent run>;
+2. exports the model package (components/inference/package.py) to <run.root>/packages/<parent run>;
 3. evaluates the gate on the package as loaded back (what would ship): the validation flow loss
    on the held-out rows training never saw (fixed sigmas, fixed noise, image-only conditioning)
    must be at least `registry.min_improvement` below the untrained start's on the same rows;
@@ -34,7 +34,7 @@ from pipelines.train import (
 from pipelines.train_tracking import metric_entities, tracking_uri
 
 if TYPE_CHECKING:
-    from components.conditioning_check import CheckResult
+    from components.evaluation.conditioning_check import CheckResult
 
 PARENT_MARKER = "train_parent_run.json"
 
@@ -130,7 +130,7 @@ def run_registration(config: PipelineConfig) -> RegistrationResult:
     """Export, gate and (if passed) register; see the module docstring."""
     from mlflow.tracking import MlflowClient
 
-    from components.model_package import export_package, load_package
+    from components.inference.package import export_package, load_package
 
     config = with_absolute_paths(config)
     checkpoint = final_checkpoint(config)
@@ -157,7 +157,7 @@ def run_registration(config: PipelineConfig) -> RegistrationResult:
     if gate.passed:
         version = _existing_version(client, config.registry.model_name, run_id)
         if version is None:
-            from components.registry import register_model
+            from components.inference.registry import register_model
 
             version = register_model(
                 package_dir=package_dir,
@@ -178,10 +178,10 @@ def run_registration(config: PipelineConfig) -> RegistrationResult:
 
 def generator_settings(config: PipelineConfig):
     """How the data was encoded and the model trained, from the dataset's manifest."""
-    from components import shards
-    from components.generator import GeneratorSettings
+    from components.data import shard_format
+    from components.inference.generator import GeneratorSettings
 
-    encoders = shards.read_manifest(dataset_root(config)).get("encoders", {})
+    encoders = shard_format.read_manifest(dataset_root(config)).get("encoders", {})
     return GeneratorSettings(
         instruction=str(encoders["instruction"]),
         image_tokens=int(encoders["image_tokens"]),
@@ -193,8 +193,8 @@ def generator_settings(config: PipelineConfig):
 
 def evaluate_gate(config: PipelineConfig, parts) -> GateResult:
     """Held-out validation loss of the package's networks vs the untrained start's."""
-    from components.loader import BucketIndex, ShardReader, load_micro_batch
-    from components.training_loop import QwenFluxModel, validation_losses
+    from components.training.loader import BucketIndex, ShardReader, load_micro_batch
+    from components.training.objective import QwenFluxModel, validation_losses
     from pipelines.train_state import build_model
     from pipelines.train_worker import hold_out
 
@@ -224,11 +224,11 @@ def evaluate_gate(config: PipelineConfig, parts) -> GateResult:
 
 
 def conditioning_checks(config: PipelineConfig, parts, model, *, convention) -> tuple:
-    """The text and variation checks of components/conditioning_check.py on the dataset's rows
-    (classes from their captions, centroids from their latents)."""
+    """The text and variation checks of components/evaluation/conditioning_check.py on the
+    dataset's rows (classes from their captions, centroids from their latents)."""
     import torch
 
-    from components import conditioning_check as probe
+    from components.evaluation import conditioning_check as probe
 
     configured = config.registry.conditioning
     if not configured.modes:
@@ -258,8 +258,8 @@ def conditioning_checks(config: PipelineConfig, parts, model, *, convention) -> 
 
 def _text_generation(parts, *, size: tuple[int, int], check):
     """generate(prompt, seed) -> raw latents [1, C, h, w] through the Generator (text mode)."""
-    from components.generation_request import GenerationRequest
-    from components.generator import Generator
+    from components.inference.generator import Generator
+    from components.inference.request_schema import GenerationRequest
 
     generator = Generator(parts)
     width, height = size
@@ -284,9 +284,9 @@ def _variation_features(config: PipelineConfig, model, by_bucket, *, check, conv
     features [N, C] and the classes they were drawn from."""
     import torch
 
-    from components.conditioning_check import latent_feature
-    from components.loader import collate_samples
-    from components.training_loop import validation_samples
+    from components.evaluation.conditioning_check import latent_feature
+    from components.training.loader import collate_samples
+    from components.training.objective import validation_samples
 
     features, truth = [], []
     for rows in by_bucket.values():
@@ -306,8 +306,8 @@ def _variation_features(config: PipelineConfig, model, by_bucket, *, check, conv
 
 
 def _labelled_samples(root: Path, check) -> dict[str, list[tuple[dict, str]]]:
-    from components.conditioning_check import caption_class
-    from components.loader import BucketIndex, ShardReader
+    from components.evaluation.conditioning_check import caption_class
+    from components.training.loader import BucketIndex, ShardReader
 
     index, reader = BucketIndex.from_dataset(root), ShardReader()
     by_bucket = {}
@@ -338,7 +338,7 @@ def _largest_bucket_size(by_bucket: dict[str, list]) -> tuple[int, int]:
 
 def run_promotion(config: PipelineConfig, *, version: str | None = None):
     """`candidate` (or `version`) -> `champion` if its gate loss beats the champion's."""
-    from components.registry import promote
+    from components.inference.registry import promote
 
     return promote(
         tracking_uri=tracking_uri(config),

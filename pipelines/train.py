@@ -12,7 +12,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from components import shards
+from components.data import shard_format
 from pipelines.config import PipelineConfig
 from pipelines.config_loading import config_hash, flatten, to_plain
 from pipelines.data_report import code_version
@@ -95,10 +95,10 @@ def preflight(config: PipelineConfig, root: Path) -> dict:
     """Check everything a worker would trip over, before any run, folder or MLflow entry is
     made: the manifest and every shard (format, counts), both checkpoints, and that the data
     was encoded by the Qwen2-VL whose last layer training replays. Returns the manifest."""
-    from components.encode import resolve_checkpoint
-    from components.loader import BucketIndex
+    from components.checkpoints import resolve_checkpoint
+    from components.training.loader import BucketIndex
 
-    manifest = shards.read_manifest(root)
+    manifest = shard_format.read_manifest(root)
     BucketIndex.from_dataset(root)
     encode = config.data.encode
     resolve_checkpoint(
@@ -110,7 +110,7 @@ def preflight(config: PipelineConfig, root: Path) -> dict:
     encoded_with = manifest.get("encoders", {}).get("qwen2vl_revision")
     if encoded_with != qwen.revision_id:
         raise DatasetModelMismatchError(
-            f"{root / shards.MANIFEST_NAME}: shards were encoded by Qwen2-VL revision "
+            f"{root / shard_format.MANIFEST_NAME}: shards were encoded by Qwen2-VL revision "
             f"{encoded_with}, but training would replay the last layer of {encode.qwen2vl} "
             f"(revision {qwen.revision_id}); re-encode the data or point data.encode.qwen2vl "
             "at the checkpoint that encoded it"
@@ -178,7 +178,7 @@ def _parent_run(config: PipelineConfig, manifest: dict, *, run_name: str) -> str
     params = [Param(key, str(value)[:6000]) for key, value in flatten(config).items()]
     for start in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[start : start + 100])
-    shards.write_json_atomic(
+    shard_format.write_json_atomic(
         marker, {"run_id": run.info.run_id, "config_hash": config_hash(config.train)}
     )
     return run.info.run_id

@@ -5,7 +5,7 @@ alone from its sharded checkpoint, a fresh connector (seeded). Checkpoint folder
 Train checkpoint): `weights.safetensors` (every parameter any stage so far trained, by name),
 `optimizer.pt` (the current stage's AdamW state keyed by parameter name, loaded with
 weights_only=True) and `state.json` (format, stage index, next step, guard state). The same
-folder serves DDP and FSDP runs (components/sharding.py gathers and scatters the tensors).
+folder serves DDP and FSDP runs (components/training/fsdp.py gathers and scatters the tensors).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from components import shards
-from components.encode import resolve_checkpoint
-from components.sharding import load_parameters
-from components.tail_checkpoint import load_qwen2vl_tail
-from components.training_loop import LatentConvention, QwenFluxModel
+from components.checkpoints import resolve_checkpoint
+from components.data import shard_format
+from components.training.encoder_tail import load_qwen2vl_tail
+from components.training.fsdp import load_parameters
+from components.training.objective import LatentConvention, QwenFluxModel
 from model.conditioning import Connector
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -56,7 +56,7 @@ def build_model(config, *, dataset_root: Path) -> tuple[QwenFluxModel, LatentCon
     tail = load_qwen2vl_tail(encode.qwen2vl, revision=encode.qwen2vl_revision)
     torch.manual_seed(config.run.seed)
     connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
-    manifest = shards.read_manifest(dataset_root)
+    manifest = shard_format.read_manifest(dataset_root)
     encoders = manifest.get("encoders", {})
     convention = LatentConvention(
         scaling_factor=float(encoders["vae_scaling_factor"]),

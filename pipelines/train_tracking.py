@@ -94,7 +94,7 @@ class StageTracker:
         self, step: int, losses: dict[float, float], generated_raw: torch.Tensor, batch
     ) -> None:
         """Validation losses at the fixed sigmas, and the image grid: row 1 the fixed-seed
-        generations (components.training_loop.validation_samples), row 2 the references."""
+        generations (components.training.objective.validation_samples), row 2 the references."""
         metrics = {f"validation_loss_sigma_{sigma:g}": value for sigma, value in losses.items()}
         metrics["validation_loss"] = sum(losses.values()) / len(losses)
         self.client.log_batch(self.run_id, metrics=metric_entities(metrics, step))
@@ -120,7 +120,7 @@ class StageTracker:
         if self._vae is None:
             from diffusers import AutoencoderKL
 
-            from components.encode import resolve_checkpoint
+            from components.checkpoints import resolve_checkpoint
 
             encode = self.config.data.encode
             flux = resolve_checkpoint(

@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from components.loader import BucketIndex, LoaderConfig, ShardReader, load_micro_batch, plan_steps
-from components.sharding import (
+from components.training.fsdp import (
     full_tensor,
     gather_optimizer_state,
     gather_parameters,
@@ -30,7 +29,14 @@ from components.sharding import (
     set_gradient_sync,
     shard_model,
 )
-from components.training_loop import (
+from components.training.loader import (
+    BucketIndex,
+    LoaderConfig,
+    ShardReader,
+    load_micro_batch,
+    plan_steps,
+)
+from components.training.objective import (
     QwenFluxModel,
     StageConfig,
     StepGuard,

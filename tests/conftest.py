@@ -131,8 +131,8 @@ def untrained_generator_parts(models: TinyModelPaths, **extra):
     tail, connector seeded 0), settings from the tiny preset; `extra` adds e.g. a ControlNet."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    from components.generator import GeneratorParts, GeneratorSettings
-    from components.tail_checkpoint import load_qwen2vl_tail
+    from components.inference.generator import GeneratorParts, GeneratorSettings
+    from components.training.encoder_tail import load_qwen2vl_tail
     from model.conditioning import Connector
     from pipelines.config import load_config
 

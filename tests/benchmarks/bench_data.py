@@ -152,7 +152,7 @@ class Bench:
 
     def prepare(self) -> None:
         """Corpus, url lists (relative for the pipeline, absolute for img2dataset), models."""
-        from components.demo_corpus import write_synthetic_corpus, write_url_list
+        from components.data.demo_corpus import write_synthetic_corpus, write_url_list
         from components.tiny_models import build_tiny_models
 
         started = time.perf_counter()
@@ -208,8 +208,8 @@ class Bench:
 
     def run_download(self) -> None:
         """Part A, alternating which side goes first so drifting load hits both alike."""
-        from components.demo_corpus import corpus_url_items, write_url_list
-        from components.loopback_server import LoopbackServer
+        from components.data.demo_corpus import corpus_url_items, write_url_list
+        from components.data.loopback_server import LoopbackServer
 
         with LoopbackServer(self.corpus) as server:
             absolute = corpus_url_items(self.items, base_url=server.base_url)
@@ -532,9 +532,9 @@ def cold_import_seconds() -> dict[str, float]:
     """Import times, in a fresh process, of what process_chunk needs and of what it drags in."""
     steps = {
         "filter/download modules": (
-            "components.download",
-            "components.filters",
-            "components.url_policy",
+            "components.data.download",
+            "components.data.filters",
+            "components.data.url_policy",
             "pipelines.data_layout",
         ),
         "img2dataset": ("img2dataset.downloader",),

@@ -105,10 +105,10 @@ def _package(work: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from components.generator import GeneratorSettings
-    from components.model_package import export_package
-    from components.tail_checkpoint import load_qwen2vl_tail
+    from components.inference.generator import GeneratorSettings
+    from components.inference.package import export_package
     from components.tiny_models import build_tiny_models
+    from components.training.encoder_tail import load_qwen2vl_tail
     from model.conditioning import Connector
 
     models = build_tiny_models(work / "models", seed=0)
@@ -170,9 +170,9 @@ def _plain_loop(package: Path, requests: Path, work: Path) -> float:
     """Images/s of parse + generate + PNG in a loop here, one torch thread, model preloaded."""
     import torch
 
-    from components.generator import Generator
-    from components.model_package import load_package
-    from components.requests import RequestDefaults, parse_request, read_request_rows
+    from components.inference.generator import Generator
+    from components.inference.package import load_package
+    from components.inference.request_rows import RequestDefaults, parse_request, read_request_rows
 
     torch.set_num_threads(1)
     config = _config(work)

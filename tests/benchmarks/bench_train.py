@@ -157,8 +157,8 @@ def measure_ray_loop(config, root: Path, *, steps: int) -> dict:
 
 def _stage_setup(config):
     """What a worker builds for stage 1: model, optimizer, training index and step plans."""
-    from components.loader import BucketIndex, LoaderConfig, plan_steps
-    from components.training_loop import build_optimizer
+    from components.training.loader import BucketIndex, LoaderConfig, plan_steps
+    from components.training.objective import build_optimizer
     from pipelines.train_state import build_model
     from pipelines.train_worker import configure_stage, hold_out
 
@@ -181,8 +181,12 @@ def measure_bare_loop(config, *, steps: int, repeats: int) -> dict:
     """The same steps as a plain torch loop on preloaded batches; median step time per repeat."""
     import torch
 
-    from components.loader import ShardReader, load_micro_batch
-    from components.training_loop import flow_matching_step_loss, set_learning_rate, step_generator
+    from components.training.loader import ShardReader, load_micro_batch
+    from components.training.objective import (
+        flow_matching_step_loss,
+        set_learning_rate,
+        step_generator,
+    )
 
     torch.set_num_threads(1)
     medians, losses = [], []
@@ -227,7 +231,7 @@ def measure_bare_loop(config, *, steps: int, repeats: int) -> dict:
 
 def measure_loader(config, *, steps: int, repeats: int) -> float:
     """Samples per second of plan_steps + load_micro_batch alone (a fresh reader per repeat)."""
-    from components.loader import ShardReader, load_micro_batch
+    from components.training.loader import ShardReader, load_micro_batch
 
     *_, plans = _stage_setup(config)
     best = 0.0
@@ -310,7 +314,8 @@ def _block_step(block, optimizer, inputs, device) -> None:
 
 def _block_train_flops(block, name: str, width: int, image_tokens: int, text_tokens: int):
     """Model FLOPs of forward + backward (every weight trainable) for one sample, counted as the
-    planner counts them (model/planner.py): 6 x token-wise params x tokens, 12 L^2 D attention."""
+    planner counts them (components/training/capacity.py): 6 x token-wise params x tokens,
+    12 L^2 D attention."""
     from pipelines.plan import block_shape
 
     shape = block_shape(block, 0, is_double=name == "double")

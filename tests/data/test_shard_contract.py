@@ -6,18 +6,18 @@ from collections import Counter
 import pyarrow.compute as pc
 import pytest
 
-from components import shards
+from components.data import shard_format
 
 pytestmark = pytest.mark.data
 
 
 @pytest.fixture(scope="module")
 def tables(dataset_root):
-    return {path: shards.read_shard(path) for path in shards.list_shards(dataset_root)}
+    return {path: shard_format.read_shard(path) for path in shard_format.list_shards(dataset_root)}
 
 
 def test_manifest_version_and_shard_list_match_the_files(dataset_root, tables):
-    manifest = shards.read_manifest(dataset_root)
+    manifest = shard_format.read_manifest(dataset_root)
     listed = {entry["path"]: entry["num_rows"] for entry in manifest["shards"]}
     on_disk = {
         str(path.relative_to(dataset_root)): table.num_rows for path, table in tables.items()
@@ -28,12 +28,12 @@ def test_manifest_version_and_shard_list_match_the_files(dataset_root, tables):
 def test_every_shard_has_the_schema_of_its_format_version(tables):
     for path, table in tables.items():
         has_scales = "image_prompt_hidden_scale" in table.column_names
-        expected = shards.shard_schema(shards.tensor_names(has_scales))
+        expected = shard_format.shard_schema(shard_format.tensor_names(has_scales))
         assert table.schema.equals(expected, check_metadata=False), path
 
 
 def test_keys_unique_and_buckets_match_partition_and_manifest(dataset_root, tables):
-    manifest = shards.read_manifest(dataset_root)
+    manifest = shard_format.read_manifest(dataset_root)
     keys, per_bucket = Counter(), Counter()
     for path, table in tables.items():
         bucket = path.parent.name.removeprefix("bucket=")
@@ -56,7 +56,7 @@ def test_no_duplicate_images_and_captions_present(tables):
 
 def test_tensor_shapes_agree_within_each_row(tables):
     for table in tables.values():
-        for sample in shards.iter_samples(table):
+        for sample in shard_format.iter_samples(table):
             latent = sample["vae_latent"]
             assert latent.shape[1] * 8 == sample["height_px"]
             assert latent.shape[2] * 8 == sample["width_px"]
@@ -72,15 +72,17 @@ def test_tensor_shapes_agree_within_each_row(tables):
 
 
 def test_manifest_says_how_the_tensors_were_made(dataset_root, tables):
-    manifest = shards.read_manifest(dataset_root)
+    manifest = shard_format.read_manifest(dataset_root)
     encoders = manifest["encoders"]
     assert encoders["latent_mode"] in ("mean", "sample") and encoders["latent_is_raw"] is True
     assert {"vae_scaling_factor", "vae_shift_factor", "layer_cut", "qwen2vl_revision"} <= set(
         encoders
     )
     first = next(iter(tables.values()))
-    stored = {name: first[f"{name}_dtype"][0].as_py() for name in shards.REQUIRED_TENSORS}
+    stored = {name: first[f"{name}_dtype"][0].as_py() for name in shard_format.REQUIRED_TENSORS}
     assert {name: manifest["tensor_dtypes"][name] for name in stored} == stored
     assert stored["image_prompt_hidden"] == encoders["hidden_dtype"]
     assert len(manifest["config_hash"]) == len(manifest["source_sha256"]) == 64
-    assert set(manifest["bytes_per_sample"]["columns_uncompressed"]) >= set(shards.REQUIRED_TENSORS)
+    assert set(manifest["bytes_per_sample"]["columns_uncompressed"]) >= set(
+        shard_format.REQUIRED_TENSORS
+    )

@@ -2,7 +2,8 @@
 controls at once, the residuals actually reaching FLUX, and control errors naming the field.
 
 The tiny ControlNet and depth estimator are loaded from the session's tiny checkpoints through the
-same loaders batch inference uses (components.control.load_controlnet / load_depth_detector).
+same loaders batch inference uses (components.inference.control.load_controlnet /
+load_depth_detector).
 """
 
 from dataclasses import replace
@@ -12,15 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from components.control import (
+from components.inference.control import (
     ControlInput,
     line_map,
     load_controlnet,
     load_depth_detector,
 )
-from components.generation_request import GenerationRequest, validate_request
-from components.generator import Generator
-from components.requests import RequestDefaults, RequestError, parse_request
+from components.inference.generator import Generator
+from components.inference.request_rows import RequestDefaults, RequestError, parse_request
+from components.inference.request_schema import GenerationRequest, validate_request
 
 pytestmark = pytest.mark.integration
 

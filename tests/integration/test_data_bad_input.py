@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from components import shards
-from components.demo_corpus import write_bad_input_corpus, write_url_list
-from components.loopback_server import LoopbackServer, closed_port_url
+from components.data import shard_format
+from components.data.demo_corpus import write_bad_input_corpus, write_url_list
+from components.data.loopback_server import LoopbackServer, closed_port_url
 from pipelines.data import run_data
 from pipelines.data_layout import DataLayout
 
@@ -65,7 +65,7 @@ def test_every_case_is_counted_under_its_expected_reason(bad_run):
 def test_kept_odd_images_are_encoded_in_their_buckets(bad_run):
     cases, config, _ = bad_run
     stored = {}
-    for path in shards.list_shards(Path(config.run.root) / "data"):
+    for path in shard_format.list_shards(Path(config.run.root) / "data"):
         table = pq.read_table(
             path, columns=["sample_key", "bucket_id", "source_width_px", "source_height_px"]
         )

@@ -9,10 +9,10 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import Qwen2VLForConditionalGeneration
 
-from components import shards
-from components.buckets import build_buckets, fit_to_bucket
-from components.encode import SampleEncoder, decode_hidden
-from components.filters import normalise_image
+from components.data import shard_format
+from components.data.buckets import build_buckets, fit_to_bucket
+from components.data.encode import SampleEncoder, decode_hidden
+from components.data.filters import normalise_image
 from model.qwen2vl_tail import Qwen2VLTail, pad_prompt_batch
 from pipelines.data import _downloaded_rows
 from pipelines.data_layout import DataLayout
@@ -28,9 +28,9 @@ def stored(tiny_data_run):
     buckets = {bucket.bucket_id: bucket for bucket in build_buckets(config.data.buckets)}
     picked = []
     for bucket_id in ("64x128", "128x48"):
-        path = shards.list_shards(layout.data)
+        path = shard_format.list_shards(layout.data)
         path = next(p for p in path if p.parent.name == f"bucket={bucket_id}")
-        samples = list(shards.iter_samples(shards.read_shard(path)))[:2]
+        samples = list(shard_format.iter_samples(shard_format.read_shard(path)))[:2]
         chunk = int(path.stem.removeprefix("part-"))
         originals = _downloaded_rows(layout, chunk, {s["sample_key"] for s in samples})
         for sample in samples:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from components import shards
+from components.data import shard_format
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,7 +60,7 @@ def _run(command: list[str], *, kill_after: float | None = None) -> subprocess.C
 
 def _shard_keys(root: Path) -> list[tuple[str, str]]:
     keys = []
-    for path in shards.list_shards(root / "data"):
+    for path in shard_format.list_shards(root / "data"):
         table = pq.read_table(path, columns=["sample_key", "bucket_id"])
         keys += list(
             zip(table["sample_key"].to_pylist(), table["bucket_id"].to_pylist(), strict=True)
@@ -84,8 +84,8 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_keys(tmp_path, tiny_models_d
 
     rerun = _run(_command(tmp_path / "resumed", tiny_models_dir))
     assert rerun.returncode == 0, rerun.stdout[-3000:]
-    straight_manifest = shards.read_manifest(tmp_path / "straight" / "data")
-    resumed_manifest = shards.read_manifest(tmp_path / "resumed" / "data")
+    straight_manifest = shard_format.read_manifest(tmp_path / "straight" / "data")
+    resumed_manifest = shard_format.read_manifest(tmp_path / "resumed" / "data")
     # The synthetic corpus has no bad urls: a download rejection would mean the kill leaked.
     assert "download" not in straight_manifest["counts"]["rejected"]
     assert resumed_manifest["counts"] == straight_manifest["counts"]

@@ -15,16 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-from components.generation_request import (
+from components.inference.generator import Generator
+from components.inference.request_schema import (
     MODES,
     FocusCircle,
     FocusGrid,
     GenerationRequest,
     validate_request,
 )
-from components.generator import Generator
-from components.loader import collate_samples
-from components.training_loop import (
+from components.training.loader import collate_samples
+from components.training.objective import (
     GRID_SAMPLING_STEPS,
     GRID_SEED,
     LatentConvention,

@@ -21,9 +21,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import save_file
 
-from components.generator import GeneratorSettings
-from components.model_package import export_package, load_package
-from components.registry import (
+from components.inference.generator import GeneratorSettings
+from components.inference.package import export_package, load_package
+from components.inference.registry import (
     RegistryError,
     load_parts,
     promote,

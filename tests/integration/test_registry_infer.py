@@ -54,7 +54,7 @@ def test_conditioning_checks_fail_the_untrained_model_and_a_20_step_one_fails_va
     # which must score near chance on both. The session's 20-step model must fail variation
     # (which needs a few hundred steps); its text accuracy is printed, not asserted (measured
     # 0.21 over 48, needs 0.28; 0.38 with guidance 3, which the preset uses for variation only).
-    from components.model_package import load_package
+    from components.inference.package import load_package
     from pipelines.config import load_config
     from pipelines.register import conditioning_checks, dataset_root, evaluate_gate
     from pipelines.train_state import build_model

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from components.encode import CheckpointNotFoundError
-from components.loader import LoaderError
-from components.shards import ShardFormatError
+from components.checkpoints import CheckpointNotFoundError
+from components.data.shard_format import ShardFormatError
+from components.training.loader import LoaderError
 from pipelines.train import DatasetModelMismatchError, run_training
 
 pytestmark = pytest.mark.integration

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.loader import BucketIndex, ShardReader, load_micro_batch
-from components.training_loop import (
+from components.training.loader import BucketIndex, ShardReader, load_micro_batch
+from components.training.objective import (
     GuardConfig,
     OptimizerConfig,
     StepGuard,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.buckets import (
+from components.data.buckets import (
     Bucket,
     BucketConfig,
     aspect_distance,

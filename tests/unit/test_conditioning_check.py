@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from components.conditioning_check import (
+from components.evaluation.conditioning_check import (
     ConditioningCheckConfig,
     caption_class,
     class_centroids,

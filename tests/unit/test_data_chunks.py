@@ -4,7 +4,7 @@ guard that keeps a dying run from recording its own source's death as url failur
 import pyarrow as pa
 import pytest
 
-from components.loopback_server import LoopbackServer, closed_port_url
+from components.data.loopback_server import LoopbackServer, closed_port_url
 from pipelines.data import _chunk_rows
 from pipelines.data_chunks import SourceGoneError, _check_source_alive, _resolve_url
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from components.demo_corpus import (
+from components.data.demo_corpus import (
     COLOURS,
     POSITIONS,
     SHAPES,
@@ -198,7 +198,7 @@ def test_write_url_list_rejects_unknown_format(tmp_path):
 
 def test_synthetic_images_are_not_near_duplicates_of_each_other(tmp_path):
     """The pipeline's pHash dedup (distance <= 4) must keep every synthetic image."""
-    from components.filters import find_duplicates, normalise_image, perceptual_hash
+    from components.data.filters import find_duplicates, normalise_image, perceptual_hash
 
     items = write_synthetic_corpus(tmp_path, count=48, seed=0, max_side_px=160)
     entries = []

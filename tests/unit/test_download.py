@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components.demo_corpus import write_synthetic_corpus
-from components.download import (
+from components.data.demo_corpus import write_synthetic_corpus
+from components.data.download import (
     DOWNLOAD_FAILURE_REASONS,
     DOWNLOAD_FILE_NAME,
     OUTPUT_COLUMNS,
@@ -15,8 +15,8 @@ from components.download import (
     classify_download_error,
     download_chunk,
 )
-from components.loopback_server import LoopbackServer, closed_port_url
-from components.url_policy import UrlPolicyConfig
+from components.data.loopback_server import LoopbackServer, closed_port_url
+from components.data.url_policy import UrlPolicyConfig
 
 pytestmark = pytest.mark.unit
 

@@ -9,14 +9,8 @@ import torch
 from PIL import Image
 from transformers import Qwen2VLForConditionalGeneration
 
-from components.encode import (
-    CheckpointNotFoundError,
-    EncodeConfig,
-    SampleEncoder,
-    decode_hidden,
-    encode_hidden,
-    resolve_checkpoint,
-)
+from components.checkpoints import CheckpointNotFoundError, resolve_checkpoint
+from components.data.encode import EncodeConfig, SampleEncoder, decode_hidden, encode_hidden
 from model.qwen2vl_tail import Qwen2VLTail, pad_prompt_batch
 
 pytestmark = pytest.mark.unit

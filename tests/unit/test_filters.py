@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.buckets import BucketConfig
-from components.filters import (
+from components.data.buckets import BucketConfig
+from components.data.filters import (
     FILTER_REASONS,
     FilterConfig,
     FilteredSample,

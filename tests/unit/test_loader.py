@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from components import shards
-from components.encode import decode_hidden, encode_hidden
-from components.loader import (
+from components.data import shard_format
+from components.data.encode import decode_hidden, encode_hidden
+from components.training.encoder_tail import load_qwen2vl_tail
+from components.training.loader import (
     BucketIndex,
     LoaderConfig,
     LoaderError,
@@ -21,7 +22,6 @@ from components.loader import (
     load_micro_batch,
     plan_steps,
 )
-from components.tail_checkpoint import load_qwen2vl_tail
 
 pytestmark = pytest.mark.unit
 
@@ -69,11 +69,11 @@ def _write_dataset(
         rows = [_sample(bucket_id, number, hidden_dtype=hidden_dtype) for number in range(size)]
         for chunk, start in enumerate(range(0, size, rows_per_shard)):
             part = rows[start : start + rows_per_shard]
-            path = shards.shard_path(root, bucket_id, chunk)
+            path = shard_format.shard_path(root, bucket_id, chunk)
             row_group_bytes = 2 * max(
                 1, sum(t.nbytes for t in part[0].values() if hasattr(t, "nbytes"))
             )
-            written = shards.write_shard(part, path, max_row_group_bytes=row_group_bytes)
+            written = shard_format.write_shard(part, path, max_row_group_bytes=row_group_bytes)
             entries.append(
                 {
                     "path": str(path.relative_to(root)),
@@ -83,7 +83,9 @@ def _write_dataset(
                 }
             )
     buckets = {bucket_id: {"num_samples": size} for bucket_id, size in sizes.items()}
-    shards.write_manifest(root, {"dataset_id": "synthetic", "shards": entries, "buckets": buckets})
+    shard_format.write_manifest(
+        root, {"dataset_id": "synthetic", "shards": entries, "buckets": buckets}
+    )
     return root
 
 
@@ -289,12 +291,12 @@ def test_row_count_mismatch_and_unlisted_shard_are_named(dataset_copy):
 def test_manifest_version_mismatch_is_named(dataset_copy):
     manifest = json.loads((dataset_copy / "manifest.json").read_text())
     (dataset_copy / "manifest.json").write_text(json.dumps(manifest | {"format_version": 99}))
-    with pytest.raises(shards.ShardFormatError, match="manifest.json: format version 99"):
+    with pytest.raises(shard_format.ShardFormatError, match="manifest.json: format version 99"):
         BucketIndex.from_dataset(dataset_copy)
 
 
 def test_empty_dataset_is_an_error(tmp_path):
-    shards.write_manifest(tmp_path, {"shards": [], "buckets": {"64x64": {"num_samples": 0}}})
+    shard_format.write_manifest(tmp_path, {"shards": [], "buckets": {"64x64": {"num_samples": 0}}})
     with pytest.raises(LoaderError, match="holds no samples"):
         BucketIndex.from_dataset(tmp_path)
 
@@ -317,7 +319,7 @@ def test_config_and_arguments_are_validated(dataset):
 def test_tiny_dataset_replays_padded_batches_like_single_samples(dataset_root):
     """Padded replay of a loaded micro-batch equals replaying each sample alone."""
     index = BucketIndex.from_dataset(dataset_root)
-    manifest = shards.read_manifest(dataset_root)
+    manifest = shard_format.read_manifest(dataset_root)
     assert index.num_rows == manifest["counts"]["encoded"]
     tail = load_qwen2vl_tail(manifest["encoders"]["qwen2vl"]).eval()
     config = LoaderConfig(micro_batch_size=4, accumulation_steps=2)

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from components.loopback_server import LoopbackServer, closed_port_url
+from components.data.loopback_server import LoopbackServer, closed_port_url
 
 pytestmark = pytest.mark.unit
 

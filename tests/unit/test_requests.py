@@ -1,4 +1,5 @@
-"""Request rows -> GenerationRequest or a RequestError naming the field (components/requests.py)."""
+"""Request rows -> GenerationRequest or a RequestError naming the field
+(components/inference/request_rows.py)."""
 
 import json
 
@@ -7,17 +8,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from components.control import ControlInput
-from components.generation_request import FocusCircle, FocusGrid
-from components.loopback_server import LoopbackServer
-from components.requests import (
+from components.data.loopback_server import LoopbackServer
+from components.data.url_policy import UrlPolicyConfig
+from components.inference.control import ControlInput
+from components.inference.request_rows import (
     RequestDefaults,
     RequestError,
     parse_request,
     read_request_rows,
     request_id,
 )
-from components.url_policy import UrlPolicyConfig
+from components.inference.request_schema import FocusCircle, FocusGrid
 
 DEFAULTS = RequestDefaults(max_side_px=128, steps=4, max_steps=20)
 

@@ -16,7 +16,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from components.demo_corpus import COLOURS, POSITIONS, SHAPES
+from components.data.demo_corpus import COLOURS, POSITIONS, SHAPES
 from components.tiny_models import MARKER_NAME, build_tiny_models
 from model import presets
 

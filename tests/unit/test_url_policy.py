@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from components.url_policy import REFUSAL_REASONS, UrlPolicyConfig, check_url
+from components.data.url_policy import REFUSAL_REASONS, UrlPolicyConfig, check_url
 
 pytestmark = pytest.mark.unit
 

@@ -55,7 +55,7 @@ REQUIRED_TENSORS = (
     "caption_prompt_attention_mask",
     "clip_pooled",
 )
-"""Tensors every shard row carries (see components/encode.py for their shapes)."""
+"""Tensors every shard row carries (see components/data/encode.py for their shapes)."""
 
 OPTIONAL_TENSORS = ("image_prompt_hidden_scale", "caption_prompt_hidden_scale")
 """Per-token scales, present only when the hidden states are stored as float8_e4m3fn."""

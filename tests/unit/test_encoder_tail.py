@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2VLForConditionalGeneration
 
-from components import tail_checkpoint
-from components.encode import CheckpointNotFoundError
-from components.tail_checkpoint import TailCheckpointError, load_qwen2vl_tail
+from components.checkpoints import CheckpointNotFoundError
+from components.training import encoder_tail
+from components.training.encoder_tail import TailCheckpointError, load_qwen2vl_tail
 from model.qwen2vl_tail import Qwen2VLTail
 
 pytestmark = pytest.mark.unit
@@ -103,7 +103,7 @@ def test_opens_each_needed_shard_once_and_no_other(tiny_models_dir, monkeypatch)
         opened.append(Path(path).name)
         return safetensors.safe_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(tail_checkpoint, "safe_open", spy)
+    monkeypatch.setattr(encoder_tail, "safe_open", spy)
     load_qwen2vl_tail(str(tiny_models_dir.qwen2vl))
     assert sorted(opened) == sorted(_needed_shards(tiny_models_dir.qwen2vl))
 

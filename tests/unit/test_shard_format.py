@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from components import shards
+from components.data import shard_format
 
 pytestmark = pytest.mark.unit
 
@@ -14,15 +14,15 @@ pytestmark = pytest.mark.unit
 )
 def test_tensor_cell_round_trip_is_bit_exact(dtype):
     source = (torch.randn(3, 5) * 4).to(dtype)
-    data, dtype_name, shape = shards.tensor_to_cell(source)
+    data, dtype_name, shape = shard_format.tensor_to_cell(source)
     assert len(data) == source.numel() * source.element_size()
-    back = shards.cell_to_tensor(data, dtype_name, shape)
+    back = shard_format.cell_to_tensor(data, dtype_name, shape)
     assert back.dtype == dtype and back.shape == source.shape
     assert torch.equal(back.view(torch.uint8), source.contiguous().view(torch.uint8))
 
 
 def test_bfloat16_is_stored_as_its_little_endian_bits():
-    data, dtype_name, _ = shards.tensor_to_cell(torch.tensor([1.0], dtype=torch.bfloat16))
+    data, dtype_name, _ = shard_format.tensor_to_cell(torch.tensor([1.0], dtype=torch.bfloat16))
     assert dtype_name == "bfloat16" and data == bytes([0x80, 0x3F])
 
 
@@ -38,22 +38,22 @@ def _row(key: str, length: int) -> dict:
         "source_height_px": 70,
         "image_sha256": "0" * 64,
     }
-    for name in shards.REQUIRED_TENSORS:
+    for name in shard_format.REQUIRED_TENSORS:
         row[name] = torch.arange(length * 2, dtype=torch.float32).reshape(length, 2)
     return row
 
 
 def test_write_read_round_trip_with_row_groups(tmp_path):
-    path = shards.shard_path(tmp_path, "64x64", 3)
+    path = shard_format.shard_path(tmp_path, "64x64", 3)
     rows = [_row(f"{i:03d}", length=2 + i) for i in range(5)]
-    info = shards.write_shard(rows, path, max_row_group_bytes=1024)
+    info = shard_format.write_shard(rows, path, max_row_group_bytes=1024)
     assert path.name == "part-00003.parquet" and path.parent.name == "bucket=64x64"
     assert info.num_rows == 5 and pq.read_metadata(path).num_row_groups > 1
-    samples = list(shards.iter_samples(shards.read_shard(path)))
+    samples = list(shard_format.iter_samples(shard_format.read_shard(path)))
     assert [sample["sample_key"] for sample in samples] == [row["sample_key"] for row in rows]
     for sample, row in zip(samples, rows, strict=True):
         assert torch.equal(sample["caption_prompt_hidden"], row["caption_prompt_hidden"])
-    assert shards.list_shards(tmp_path) == [path]
+    assert shard_format.list_shards(tmp_path) == [path]
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
@@ -62,23 +62,25 @@ def test_failed_write_leaves_no_file(tmp_path):
     bad = _row("a", 2)
     del bad["clip_pooled"]
     with pytest.raises(KeyError):
-        shards.write_shard([bad], path, max_row_group_bytes=1 << 20)
+        shard_format.write_shard([bad], path, max_row_group_bytes=1 << 20)
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(shards.ShardFormatError, match="empty shard"):
-        shards.write_shard([], path, max_row_group_bytes=1 << 20)
+    with pytest.raises(shard_format.ShardFormatError, match="empty shard"):
+        shard_format.write_shard([], path, max_row_group_bytes=1 << 20)
 
 
 def test_version_mismatch_and_corruption_name_the_file(tmp_path):
     path = tmp_path / "part.parquet"
-    shards.write_shard([_row("a", 2)], path, max_row_group_bytes=1 << 20)
+    shard_format.write_shard([_row("a", 2)], path, max_row_group_bytes=1 << 20)
     table = pq.read_table(path)
     pq.write_table(table.replace_schema_metadata({"qwenflux_format_version": "0"}), path)
-    with pytest.raises(shards.ShardFormatError, match=r"part\.parquet: shard format version 0"):
-        shards.read_shard(path)
+    with pytest.raises(
+        shard_format.ShardFormatError, match=r"part\.parquet: shard format version 0"
+    ):
+        shard_format.read_shard(path)
     path.write_bytes(b"not parquet")
-    with pytest.raises(shards.ShardFormatError, match="unreadable"):
-        shards.read_shard(path)
-    with pytest.raises(shards.ShardFormatError, match="no manifest"):
-        shards.read_manifest(tmp_path)
-    shards.write_manifest(tmp_path, {"x": 1})
-    assert shards.read_manifest(tmp_path)["x"] == 1
+    with pytest.raises(shard_format.ShardFormatError, match="unreadable"):
+        shard_format.read_shard(path)
+    with pytest.raises(shard_format.ShardFormatError, match="no manifest"):
+        shard_format.read_manifest(tmp_path)
+    shard_format.write_manifest(tmp_path, {"x": 1})
+    assert shard_format.read_manifest(tmp_path)["x"] == 1

@@ -27,9 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from components.encode import CheckpointNotFoundError, ResolvedCheckpoint, resolve_checkpoint
-from components.generator import GeneratorParts, GeneratorSettings
-from components.tail_checkpoint import load_qwen2vl_tail
+from components.checkpoints import CheckpointNotFoundError, ResolvedCheckpoint, resolve_checkpoint
+from components.inference.generator import GeneratorParts, GeneratorSettings
+from components.training.encoder_tail import load_qwen2vl_tail
 from model.conditioning import Connector
 from model.qwen2vl_tail import Qwen2VLTail
 

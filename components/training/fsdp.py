@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from components.training_loop import QwenFluxModel
+from components.training.objective import QwenFluxModel
 from model.flux_stages import flux_block, num_blocks
 
 

@@ -1,4 +1,4 @@
-"""MLflow Model Registry around the model package (components/model_package.py).
+"""MLflow Model Registry around the model package (components/inference/package.py).
 
 register_model logs a package folder as a pyfunc model (the package is its `package` artifact)
 into a given training run, registers it as a new version with lineage and gate tags and points
@@ -37,8 +37,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
 
-from components.generator import GeneratorParts
-from components.model_package import PACKAGE_FILE, load_package, read_manifest
+from components.inference.generator import GeneratorParts
+from components.inference.package import PACKAGE_FILE, load_package, read_manifest
 
 MODEL_ARTIFACT_NAME = "qwenflux"
 """Name of the logged pyfunc model inside the run."""
@@ -89,15 +89,15 @@ class PromotionDecision:
 class QwenFluxPyfunc(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc: request rows (REQUEST_COLUMNS) -> result rows (RESULT_COLUMNS).
 
-    Thin: the package is loaded with load_package and requests go to components.generator's
-    Generator (CUDA + bf16 when a GPU is visible, else CPU + fp32). A bad row gets status
-    "error" and its message; it never fails the other rows.
+    Thin: the package is loaded with load_package and requests go to the Generator of
+    components.inference.generator (CUDA + bf16 when a GPU is visible, else CPU + fp32). A bad row
+    gets status "error" and its message; it never fails the other rows.
     """
 
     def load_context(self, context) -> None:
         import torch
 
-        from components.generator import Generator
+        from components.inference.generator import Generator
 
         parts = load_package(Path(context.artifacts[PACKAGE_ARTIFACT]))
         on_gpu = torch.cuda.is_available()
@@ -127,7 +127,7 @@ def request_from_row(row: dict[str, Any]):
     """A GenerationRequest from one request row (missing / NaN optional fields -> defaults)."""
     from PIL import Image
 
-    from components.generation_request import GenerationRequest
+    from components.inference.request_schema import GenerationRequest
 
     def present(name: str) -> bool:
         value = row.get(name)

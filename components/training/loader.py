@@ -1,8 +1,9 @@
 """Cached shards -> deterministic, bucketed training micro-batches.
 
 Input: a dataset root written by the data pipeline (manifest.json + shards/bucket=*/part-*.parquet,
-see components/shards.py). Output: per optimizer step a StepPlan (which rows every worker reads
-for every accumulation step) and, per micro-batch, a dict of collated tensors (load_micro_batch).
+see components/data/shard_format.py). Output: per optimizer step a StepPlan (which rows each worker
+reads for every accumulation step) and, per micro-batch, a dict of collated tensors
+(load_micro_batch).
 
 Sampling contract:
 - Every optimizer step draws ALL its micro-batches (every worker, every accumulation step) from
@@ -30,8 +31,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from components import shards
-from components.encode import decode_hidden
+from components.data import shard_format
+from components.data.encode import decode_hidden
 from model.qwen2vl_tail import pad_prompt_batch
 
 PROMPTS = ("image_prompt", "caption_prompt")
@@ -111,8 +112,8 @@ class BucketIndex:
         version and with the listed row count, no unlisted shard on disk, per-bucket counts.
         """
         root = Path(root).resolve()
-        manifest = shards.read_manifest(root)
-        manifest_path = root / shards.MANIFEST_NAME
+        manifest = shard_format.read_manifest(root)
+        manifest_path = root / shard_format.MANIFEST_NAME
         entries = manifest.get("shards")
         if not isinstance(entries, list):
             raise LoaderError(f"{manifest_path}: no 'shards' list")
@@ -121,7 +122,7 @@ class BucketIndex:
             path, bucket_id, num_rows = _checked_entry(root, entry, manifest_path=manifest_path)
             paths_by_bucket.setdefault(bucket_id, []).append((str(path), num_rows))
         listed = {path for items in paths_by_bucket.values() for path, _ in items}
-        unlisted = [path for path in shards.list_shards(root) if str(path) not in listed]
+        unlisted = [path for path in shard_format.list_shards(root) if str(path) not in listed]
         if unlisted:
             raise LoaderError(f"{manifest_path}: shard {unlisted[0]} on disk is not listed")
         buckets = {
@@ -175,9 +176,9 @@ def _shard_metadata(path: Path) -> pq.FileMetaData:
     except (OSError, pa.ArrowInvalid) as error:
         raise LoaderError(f"{path}: corrupt or unreadable Parquet shard: {error}") from None
     version = (metadata.metadata or {}).get(b"qwenflux_format_version", b"?").decode()
-    if version != str(shards.FORMAT_VERSION):
+    if version != str(shard_format.FORMAT_VERSION):
         raise LoaderError(
-            f"{path}: shard format version {version}, this code reads {shards.FORMAT_VERSION}"
+            f"{path}: shard format version {version}, this code reads {shard_format.FORMAT_VERSION}"
         )
     return metadata
 
@@ -366,10 +367,10 @@ class ShardReader:
 
 
 def _decode_row(columns: dict[str, list], row: int) -> dict[str, Any]:
-    sample = {name: columns[name][row] for name, _ in shards.SCALAR_COLUMNS}
+    sample = {name: columns[name][row] for name, _ in shard_format.SCALAR_COLUMNS}
     for name in columns:
         if f"{name}_dtype" in columns:
-            sample[name] = shards.cell_to_tensor(
+            sample[name] = shard_format.cell_to_tensor(
                 columns[name][row], columns[f"{name}_dtype"][row], columns[f"{name}_shape"][row]
             )
     return sample

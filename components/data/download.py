@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from components.url_policy import REFUSAL_REASONS, UrlPolicyConfig, check_url
+from components.data.url_policy import REFUSAL_REASONS, UrlPolicyConfig, check_url
 
 DOWNLOAD_FILE_NAME = "downloaded.parquet"
 SUCCESS = "success"

@@ -10,18 +10,18 @@ import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import save_file
 
-from components import model_package
-from components.encode import CheckpointNotFoundError
-from components.generator import GeneratorSettings
-from components.model_package import (
+from components.checkpoints import CheckpointNotFoundError
+from components.inference import package as package_module
+from components.inference.generator import GeneratorSettings
+from components.inference.package import (
     PackageError,
     PackageIntegrityError,
     export_package,
     load_package,
 )
-from components.tail_checkpoint import load_qwen2vl_tail
 from components.tiny_models import TinyModelPaths
-from components.training_loop import QwenFluxModel
+from components.training.encoder_tail import load_qwen2vl_tail
+from components.training.objective import QwenFluxModel
 from model.conditioning import Connector
 
 pytestmark = pytest.mark.unit
@@ -34,7 +34,7 @@ SETTINGS = GeneratorSettings(
     guidance=3.5,
 )
 LINEAGE = {"training_run_id": "run-1", "git_sha": "abc123"}
-_real_hash = model_package.hash_file
+_real_hash = package_module.hash_file
 TRAINED_PREFIXES = (
     "transformer.transformer_blocks.0.",
     "transformer.single_transformer_blocks.1.",
@@ -155,7 +155,7 @@ def test_exported_transformer_loads_with_plain_diffusers_and_predicts_the_same(e
 def test_manifest_records_settings_lineage_and_hashes_of_the_files_the_generator_reads(exported):
     _, _, package = exported
     manifest = json.loads((package / "package.json").read_text())
-    assert manifest["format"] == model_package.PACKAGE_FORMAT
+    assert manifest["format"] == package_module.PACKAGE_FORMAT
     assert manifest["settings"]["image_tokens"] == SETTINGS.image_tokens
     assert manifest["lineage"] == LINEAGE
     assert manifest["connector"] == {"in_features": 16, "out_features": 32}
@@ -192,7 +192,7 @@ def test_changed_base_file_is_a_hash_mismatch_naming_it(own_package, monkeypatch
     load_package(package)  # warms the hash cache
     hashed = []
     monkeypatch.setattr(
-        model_package, "hash_file", lambda path: hashed.append(path) or _real_hash(path)
+        package_module, "hash_file", lambda path: hashed.append(path) or _real_hash(path)
     )
     load_package(package)
     assert hashed == [], "unchanged bases were re-hashed despite the cache"
@@ -268,7 +268,7 @@ def test_failure_while_writing_leaves_nothing_behind(exported, bases, tmp_path, 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(model_package, "save_file", broken_save)
+    monkeypatch.setattr(package_module, "save_file", broken_save)
     out_dir = tmp_path / "packages" / "pkg"
     with pytest.raises(OSError, match="disk full"):
         export(bases, exported[1], out_dir)

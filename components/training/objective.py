@@ -46,9 +46,9 @@ from model.flow_matching import (
     velocity_target,
 )
 from model.flux_forward import FluxConditioning, predict_velocity
+from model.lr_schedule import trapezoid_factor
 from model.qwen2vl_tail import Qwen2VLTail
 from model.sampling import euler_sample, flux_sigmas, guided_velocity
-from model.schedule import trapezoid_factor
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -21,7 +21,7 @@ import numpy as np
 import scipy.fft
 from PIL import Image, ImageFile, ImageOps
 
-from components.buckets import (
+from components.data.buckets import (
     Bucket,
     BucketConfig,
     aspect_distance,

@@ -1,4 +1,4 @@
-"""FSDP2 (components/sharding.py) against the unsharded model, in two real gloo processes.
+"""FSDP2 (components/training/fsdp.py) against the unsharded model, in two real gloo processes.
 
 Each process builds the tiny model from the checkpoints, trains the same steps twice (plain with
 gradients all-reduced by hand, as DDP does; then sharded per block with FLUX's own gradient
@@ -32,8 +32,8 @@ def _free_port() -> int:
 def _build(models):
     from diffusers import FluxTransformer2DModel
 
-    from components.tail_checkpoint import load_qwen2vl_tail
-    from components.training_loop import QwenFluxModel
+    from components.training.encoder_tail import load_qwen2vl_tail
+    from components.training.objective import QwenFluxModel
     from model.conditioning import Connector
 
     transformer = FluxTransformer2DModel.from_pretrained(models.flux, subfolder="transformer")
@@ -70,7 +70,7 @@ def _loss(model, *, rank: int, step: int) -> torch.Tensor:
 
 
 def _train(model, optimizer, *, rank: int, steps: range, sharded: bool) -> list[float]:
-    from components.sharding import full_tensor
+    from components.training.fsdp import full_tensor
 
     losses = []
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -93,7 +93,7 @@ def _train(model, optimizer, *, rank: int, steps: range, sharded: bool) -> list[
 
 
 def _stage(model):
-    from components.training_loop import OptimizerConfig, build_optimizer
+    from components.training.objective import OptimizerConfig, build_optimizer
     from model.flux_stages import select_trainable_blocks
 
     select_trainable_blocks(model.transformer, TRAINED_BLOCKS)
@@ -104,7 +104,7 @@ def _stage(model):
 
 
 def _worker(rank: int, port: int, models, results) -> None:
-    from components.sharding import (
+    from components.training.fsdp import (
         gather_optimizer_state,
         gather_parameters,
         load_optimizer_state,

@@ -14,7 +14,7 @@ Precision policy (what the trainer does; every figure below assumes it):
   2 B/param), FSDP2 through MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32);
 - FSDP2 wraps every FLUX block, the Qwen2-VL layer and the connector as one unit each, and the
   transformer's embedders + output head as one more, and shards everything over N
-  (components/sharding.py);
+  (components/training/fsdp.py);
 - the VAE, CLIP and Qwen2-VL layers 0..26 are not on training GPUs (the data pipeline caches them).
 
 Activations, with gradient checkpointing per block (B micro-batch, L = image + text tokens, D FLUX

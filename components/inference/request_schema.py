@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from components.control import ControlInput, check_controls
+from components.inference.control import ControlInput, check_controls
 from model.generation import LATENT_SIDE_MULTIPLE
 
 MODES = ("text", "variation", "image_text", "img2img", "inpaint")

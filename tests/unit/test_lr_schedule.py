@@ -2,7 +2,7 @@
 
 import pytest
 
-from model.schedule import trapezoid_factor
+from model.lr_schedule import trapezoid_factor
 
 pytestmark = pytest.mark.unit
 

@@ -2,8 +2,8 @@
 
 A control is a kind ("depth" or "line"), an image and a strength. The image is either the source
 picture, which the kind's detector turns into a control map, or (`preprocessed`) the control map
-itself. Maps are RGB at the output size; components/generator.py VAE-encodes and packs them for
-the ControlNet (diffusers FluxControlNetModel layout, see model/flux_forward.py).
+itself. Maps are RGB at the output size; components/inference/generator.py VAE-encodes and
+packs them for the ControlNet (diffusers FluxControlNetModel layout, see model/flux_forward.py).
 
 Detectors, chosen to work offline with weights only from safetensors:
 - depth: a transformers depth estimator (`AutoModelForDepthEstimation`, e.g. the Depth Anything
@@ -159,7 +159,7 @@ def load_controlnet(name: str):
     cache; a missing or partial checkpoint is an error naming it."""
     from diffusers import FluxControlNetModel
 
-    from components.encode import resolve_checkpoint
+    from components.checkpoints import resolve_checkpoint
 
     resolved = resolve_checkpoint(
         name, revision=None, root_file="config.json", required=("diffusion_pytorch_model",)
@@ -171,7 +171,7 @@ def load_controlnet(name: str):
 
 def load_depth_detector(name: str, *, device: str = "cpu") -> DepthDetector:
     """A DepthDetector from a local folder or the HF cache (config.json + model.safetensors)."""
-    from components.encode import resolve_checkpoint
+    from components.checkpoints import resolve_checkpoint
 
     resolved = resolve_checkpoint(name, revision=None, root_file="config.json", required=("model",))
     return DepthDetector(resolved.path, device=device)

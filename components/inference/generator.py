@@ -1,8 +1,9 @@
 """Image generation with a trained Qwen2VL-Flux model: every mode of the released model.
 
 `GeneratorParts` is what a model package loads into (the trained networks plus the paths of the
-verified frozen bases); `Generator` turns a `GenerationRequest` (components/generation_request.py:
-one request, parsed and validated as far as its fields go) into an image.
+verified frozen bases); `Generator` turns a `GenerationRequest`
+(components/inference/request_schema.py: one request, parsed and validated as far as its fields
+go) into an image.
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from components.control import DEPTH_DETECTOR_MISSING, DepthDetector, control_map, union_mode
-from components.encode import EncodeConfig, SampleEncoder
-from components.generation_request import (
+from components.data.encode import EncodeConfig, SampleEncoder
+from components.inference.control import (
+    DEPTH_DETECTOR_MISSING,
+    DepthDetector,
+    control_map,
+    union_mode,
+)
+from components.inference.request_schema import (
     INIT_IMAGE_MODES,
     REFERENCE_MODES,
     FocusCircle,

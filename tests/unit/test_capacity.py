@@ -8,8 +8,7 @@ import pytest
 import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-from model.flux_stages import STAGE_BLOCKS
-from model.planner import (
+from components.training.capacity import (
     BlockShape,
     EncoderTailShape,
     FluxShape,
@@ -17,6 +16,7 @@ from model.planner import (
     check_block_indices,
     plan_stage,
 )
+from model.flux_stages import STAGE_BLOCKS
 from pipelines.cli import main
 from pipelines.plan import REFERENCE_CONFIG_DIR, plan
 

@@ -24,15 +24,15 @@ from typing import Any
 
 from PIL import Image
 
-from components.buckets import BucketConfig, build_buckets, nearest_bucket
-from components.control import ControlInput
-from components.generation_request import (
+from components.data.buckets import BucketConfig, build_buckets, nearest_bucket
+from components.data.url_policy import UrlPolicyConfig, check_url
+from components.inference.control import ControlInput
+from components.inference.request_schema import (
     FocusCircle,
     FocusGrid,
     GenerationRequest,
     validate_request,
 )
-from components.url_policy import UrlPolicyConfig, check_url
 
 REQUEST_FIELDS = (
     "id",

@@ -24,7 +24,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VLRotaryEmbedding,
 )
 
-from components.encode import CheckpointNotFoundError, resolve_checkpoint
+from components.checkpoints import CheckpointNotFoundError, resolve_checkpoint
 from model.qwen2vl_tail import Qwen2VLTail
 
 WEIGHTS_STEM = "model"
