@@ -8,7 +8,7 @@ RUN_ENV := NO_ALBUMENTATIONS_UPDATE=1 MLFLOW_DISABLE_TELEMETRY=true RAY_AUTH_MOD
 # The CPU build of torch lies on disk here; on CUDA machines set TORCH_SPEC to the wheel you want.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench golden lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(STAMP)
 	mkdir -p .tmp
 	$(RUN_ENV) TMPDIR=$(CURDIR)/.tmp $(PY) tests/benchmarks/bench_data.py
 	$(RUN_ENV) TMPDIR=$(CURDIR)/.tmp $(PY) tests/benchmarks/bench_train.py --block-smoke
+
+# Regenerates the training loop's golden per-step losses: only for a change meant to move them.
+golden: $(STAMP)
+	mkdir -p .tmp
+	$(RUN_ENV) TMPDIR=$(CURDIR)/.tmp $(PY) tests/golden_losses.py --write
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipelines components model tests

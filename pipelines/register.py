@@ -181,29 +181,31 @@ def generator_settings(config: PipelineConfig):
     from components.data import shard_format
     from components.inference.generator import GeneratorSettings
 
-    encoders = shard_format.read_manifest(dataset_root(config)).get("encoders", {})
+    manifest = shard_format.read_manifest(dataset_root(config))
+    encoders = manifest.get("encoders", {})
+    scaling, shift = shard_format.vae_factors(manifest)
     return GeneratorSettings(
         instruction=str(encoders["instruction"]),
         image_tokens=int(encoders["image_tokens"]),
-        vae_scaling_factor=float(encoders["vae_scaling_factor"]),
-        vae_shift_factor=float(encoders["vae_shift_factor"]),
+        vae_scaling_factor=scaling,
+        vae_shift_factor=shift,
         guidance=config.train.objective.guidance,
     )
 
 
 def evaluate_gate(config: PipelineConfig, parts) -> GateResult:
     """Held-out validation loss of the package's networks vs the untrained start's."""
-    from components.training.loader import BucketIndex, ShardReader, load_micro_batch
+    from components.training.loop import LoopData
+    from components.training.model_loading import load_training_model
     from components.training.objective import QwenFluxModel, validation_losses
-    from pipelines.train_state import build_model
-    from pipelines.train_worker import hold_out
 
     root = dataset_root(config)
-    base, convention = build_model(config, dataset_root=root)
-    _, validation_refs = hold_out(
-        BucketIndex.from_dataset(root), config.train.num_validation_samples
+    base, convention = load_training_model(
+        config.data.encode, dataset_root=root, seed=config.run.seed
     )
-    batch = load_micro_batch(validation_refs, reader=ShardReader())
+    batch = LoopData.from_dataset(
+        root, num_validation_samples=config.train.num_validation_samples, device="cpu"
+    ).validation_batch
     objective = config.train.objective
     trained = QwenFluxModel(parts.tail, parts.connector, parts.transformer)
     base_losses = validation_losses(base.eval(), batch, objective=objective, convention=convention)

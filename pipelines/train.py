@@ -122,7 +122,7 @@ def preflight(config: PipelineConfig, root: Path) -> dict:
 def _check_checkpoint_format(config: PipelineConfig) -> None:
     """Checkpoints an older trainer wrote in this run's storage would fail in every worker
     (and be retried max_failures times): refuse them here, once, by name."""
-    from pipelines.train_state import CHECKPOINT_FORMAT
+    from components.training.checkpoint_state import CHECKPOINT_FORMAT
 
     for folder, state in local_checkpoint_states(config):
         found = state.get("format")
@@ -136,7 +136,7 @@ def _check_checkpoint_format(config: PipelineConfig) -> None:
 def local_checkpoint_states(config: PipelineConfig) -> list[tuple[Path, dict]]:
     """(folder, state.json contents) of this training's checkpoints, oldest first, when
     `train.storage_path` is local; empty for remote storage (s3://, gs://)."""
-    from pipelines.train_state import STATE_FILE
+    from components.training.checkpoint_state import STATE_FILE
 
     storage = storage_path(config)
     if "://" in storage:

@@ -284,3 +284,14 @@ def read_manifest(root: Path) -> dict[str, Any]:
             f"this code reads {FORMAT_VERSION}"
         )
     return manifest
+
+
+def vae_factors(manifest: dict[str, Any]) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of the VAE the dataset's raw latents came from: the one
+    place training, the gate and the model package read them (FLUX applies them as
+    (latent - shift) * scaling before packing)."""
+    encoders = manifest.get("encoders", {})
+    try:
+        return float(encoders["vae_scaling_factor"]), float(encoders["vae_shift_factor"])
+    except KeyError as missing:
+        raise ShardFormatError(f"manifest lacks encoders.{missing.args[0]}") from None

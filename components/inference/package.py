@@ -1,8 +1,8 @@
 """Model package: a trained checkpoint + references to its frozen bases, ready for inference.
 
-Input of export_package: a training checkpoint folder (pipelines/train_state.py: weights.safetensors
-with `transformer.*`, `tail.*`, `connector.*` parameters) and the Qwen2-VL / FLUX bases it was
-trained from. Output: one folder, written atomically:
+Input of export_package: a training checkpoint folder (components/training/checkpoint_state.py:
+weights.safetensors with `transformer.*`, `tail.*`, `connector.*` parameters) and the Qwen2-VL /
+FLUX bases it was trained from. Output: one folder, written atomically:
   transformer/              the whole trained FluxTransformer2DModel (diffusers save_pretrained)
   encoder_tail.safetensors  Qwen2-VL's trained last layer + final norm (`layer.*`, `norm.*`)
   connector.safetensors     the trained Connector (`weight`, `bias`)

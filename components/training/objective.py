@@ -1,21 +1,16 @@
-"""The one training loop of the three progressive stages (framework-free; Ray Train adapts it).
+"""The training objective of one micro-batch, and the fixed validation measurements.
 
-A step: every worker replays Qwen2-VL's last layer on the cached prefix states of its micro-batches,
-picks image tokens / caption tokens / both / nothing per sample, projects them through the
-connector into FLUX, and regresses FLUX's velocity (rectified flow, FLUX's resolution shift).
-Gradients are averaged across workers by the `all_reduce_mean` hook, clipped, checked by the
-guard, and AdamW steps on the stage's trainable set: its FLUX blocks + connector + encoder tail.
-
-Every random draw of a step comes from a generator seeded by (seed, stage, step, rank, micro
-index), so a resumed run draws exactly what an uninterrupted one would.
+A step's loss: replay Qwen2-VL's last layer on the cached prefix states of the micro-batch, pick
+image tokens / caption tokens / both / nothing per sample, project them through the connector
+into FLUX, and regress FLUX's velocity (rectified flow, FLUX's resolution shift). Every random
+draw comes from a generator seeded by (seed, stage, step, rank, micro index) (`step_generator`),
+so a resumed run draws exactly what an uninterrupted one would. Validation: losses at fixed
+sigmas with fixed noise, and fixed-seed generations, on the held-out batch.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -46,59 +41,8 @@ from model.flow_matching import (
     velocity_target,
 )
 from model.flux_forward import FluxConditioning, predict_velocity
-from model.lr_schedule import trapezoid_factor
 from model.qwen2vl_tail import Qwen2VLTail
 from model.sampling import euler_sample, flux_sigmas, guided_velocity
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StageConfig:
-    """One progressive stage: which FLUX blocks train and for how long."""
-
-    name: str
-    """Stage name (MLflow child run name, checkpoint tag)."""
-    num_steps: int
-    """Optimizer updates in this stage."""
-    flux_blocks: tuple[int, ...]
-    """Trainable FLUX blocks, indexed 0..56 (double blocks first); the report's lists."""
-    warmup_steps: int = 0
-    """Linear warm-up updates at the start of the stage's trapezoid."""
-    decay_steps: int = 0
-    """Linear decay updates at the end of the stage's trapezoid."""
-
-    def __post_init__(self) -> None:
-        if self.num_steps < 1:
-            raise ValueError("num_steps must be >= 1")
-        if not self.flux_blocks or len(set(self.flux_blocks)) != len(self.flux_blocks):
-            raise ValueError("flux_blocks must list distinct block indices")
-        if self.warmup_steps < 0 or self.decay_steps < 0:
-            raise ValueError("warmup_steps and decay_steps must be >= 0")
-        if self.warmup_steps + self.decay_steps > self.num_steps:
-            raise ValueError("warmup_steps + decay_steps must not exceed num_steps")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class OptimizerConfig:
-    """AdamW as the report runs it (one learning rate for every group)."""
-
-    learning_rate: float = 1e-5
-    """Peak learning rate of every parameter group."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay, applied to matrices only (not biases or norm scales)."""
-    beta1: float = 0.9
-    """AdamW first-moment decay."""
-    beta2: float = 0.95
-    """AdamW second-moment decay."""
-    epsilon: float = 1e-8
-    """AdamW denominator epsilon."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clip."""
-
-    def __post_init__(self) -> None:
-        if self.learning_rate <= 0 or self.max_grad_norm <= 0:
-            raise ValueError("learning_rate and max_grad_norm must be > 0")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError("beta1 and beta2 must lie in [0, 1)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -146,22 +90,6 @@ class ObjectiveConfig:
         )
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GuardConfig:
-    """When a step is skipped instead of applied, and when training gives up."""
-
-    spike_factor: float = 10.0
-    """Skip a step whose gradient norm exceeds this many times the recent median."""
-    spike_window: int = 20
-    """Recent applied steps the median is taken over (needs 5 before it judges)."""
-    max_consecutive_skips: int = 5
-    """Abort after this many skipped steps in a row."""
-
-    def __post_init__(self) -> None:
-        if self.spike_factor <= 1 or self.spike_window < 5 or self.max_consecutive_skips < 1:
-            raise ValueError("spike_factor > 1, spike_window >= 5, max_consecutive_skips >= 1")
-
-
 @dataclass(frozen=True, slots=True)
 class LatentConvention:
     """Constants of the data and model the loss needs (from the manifest and the base model)."""
@@ -171,10 +99,6 @@ class LatentConvention:
     empty_pooled_P: torch.Tensor
     """CLIP-L pooled vector of the empty prompt: what the released inference code feeds FLUX, and
     what image-only and unconditional samples get here."""
-
-
-class TrainingDivergedError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or a gradient-norm spike."""
 
 
 class QwenFluxModel(nn.Module):
@@ -298,74 +222,6 @@ def step_generator(*, seed: int, stage_index: int, step: int, rank: int, micro: 
     """The generator of one micro-batch's draws: a pure function of its coordinates."""
     mixed = (((seed * 1_000_003 + stage_index) * 1_000_003 + step) * 1_000_003 + rank) * 101
     return torch.Generator().manual_seed((mixed + micro) % (2**63 - 1))
-
-
-@dataclass
-class StepGuard:
-    """Decides per step: apply, or skip (non-finite loss / gradient-norm spike)."""
-
-    config: GuardConfig
-    recent_norms: list[float] = field(default_factory=list)
-    consecutive_skips: int = 0
-
-    def judge(self, loss: float, grad_norm: float) -> str:
-        """ "ok", "nonfinite" or "spike"; raises TrainingDivergedError after too many skips."""
-        verdict = "ok"
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            verdict = "nonfinite"
-        elif len(self.recent_norms) >= 5:
-            if grad_norm > self.config.spike_factor * statistics.median(self.recent_norms):
-                verdict = "spike"
-        if verdict == "ok":
-            self.consecutive_skips = 0
-            self.recent_norms = (self.recent_norms + [grad_norm])[-self.config.spike_window :]
-            return verdict
-        self.consecutive_skips += 1
-        if self.consecutive_skips > self.config.max_consecutive_skips:
-            raise TrainingDivergedError(
-                f"{self.consecutive_skips} consecutive skipped steps (last: {verdict}, "
-                f"loss {loss}, grad norm {grad_norm})"
-            )
-        return verdict
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"recent_norms": list(self.recent_norms), "skips": self.consecutive_skips}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.recent_norms = list(state["recent_norms"])
-        self.consecutive_skips = int(state["skips"])
-
-
-def build_optimizer(
-    parameters: Sequence[tuple[str, nn.Parameter]], config: OptimizerConfig
-) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; decay on matrices only."""
-    decayed = [param for _, param in parameters if param.ndim >= 2]
-    plain = [param for _, param in parameters if param.ndim < 2]
-    return torch.optim.AdamW(
-        [
-            {"params": decayed, "weight_decay": config.weight_decay},
-            {"params": plain, "weight_decay": 0.0},
-        ],
-        lr=config.learning_rate,
-        betas=(config.beta1, config.beta2),
-        eps=config.epsilon,
-    )
-
-
-def set_learning_rate(
-    optimizer: torch.optim.Optimizer, *, stage: StageConfig, step: int, base: float
-) -> float:
-    """Apply the stage's trapezoid at `step`; returns the learning rate used."""
-    rate = base * trapezoid_factor(
-        step,
-        num_steps=stage.num_steps,
-        warmup_steps=stage.warmup_steps,
-        decay_steps=stage.decay_steps,
-    )
-    for group in optimizer.param_groups:
-        group["lr"] = rate
-    return rate
 
 
 def validation_losses(

@@ -158,12 +158,14 @@ def measure_ray_loop(config, root: Path, *, steps: int) -> dict:
 def _stage_setup(config):
     """What a worker builds for stage 1: model, optimizer, training index and step plans."""
     from components.training.loader import BucketIndex, LoaderConfig, plan_steps
-    from components.training.objective import build_optimizer
-    from pipelines.train_state import build_model
-    from pipelines.train_worker import configure_stage, hold_out
+    from components.training.loop import configure_stage, hold_out
+    from components.training.model_loading import load_training_model
+    from components.training.optimizer import build_optimizer
 
     dataset = Path(config.train.dataset)
-    model, convention = build_model(config, dataset_root=dataset)
+    model, convention = load_training_model(
+        config.data.encode, dataset_root=dataset, seed=config.run.seed
+    )
     index, _ = hold_out(BucketIndex.from_dataset(dataset), config.train.num_validation_samples)
     stage = config.train.stages[0]
     parameters = configure_stage(model, stage)

@@ -93,7 +93,7 @@ def _train(model, optimizer, *, rank: int, steps: range, sharded: bool) -> list[
 
 
 def _stage(model):
-    from components.training.objective import OptimizerConfig, build_optimizer
+    from components.training.optimizer import OptimizerConfig, build_optimizer
     from model.flux_stages import select_trainable_blocks
 
     select_trainable_blocks(model.transformer, TRAINED_BLOCKS)

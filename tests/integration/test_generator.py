@@ -24,6 +24,7 @@ from components.inference.request_schema import (
     validate_request,
 )
 from components.training.loader import collate_samples
+from components.training.model_loading import empty_prompt_pooled
 from components.training.objective import (
     GRID_SAMPLING_STEPS,
     GRID_SEED,
@@ -33,7 +34,6 @@ from components.training.objective import (
     condition_tokens,
     validation_samples,
 )
-from pipelines.train_state import empty_prompt_pooled
 
 pytestmark = pytest.mark.integration
 

@@ -55,9 +55,9 @@ def test_conditioning_checks_fail_the_untrained_model_and_a_20_step_one_fails_va
     # (which needs a few hundred steps); its text accuracy is printed, not asserted (measured
     # 0.21 over 48, needs 0.28; 0.38 with guidance 3, which the preset uses for variation only).
     from components.inference.package import load_package
+    from components.training.model_loading import load_training_model
     from pipelines.config import load_config
     from pipelines.register import conditioning_checks, dataset_root, evaluate_gate
-    from pipelines.train_state import build_model
 
     config, result = registered
     check = load_config("tiny").registry.conditioning
@@ -78,7 +78,9 @@ def test_conditioning_checks_fail_the_untrained_model_and_a_20_step_one_fails_va
     assert gate.metrics()["conditioning_variation_accuracy"] == variation.accuracy
     assert gate.metrics()["conditioning_text_accuracy"] == text.accuracy
 
-    untrained, convention = build_model(strict, dataset_root=dataset_root(strict))
+    untrained, convention = load_training_model(
+        strict.data.encode, dataset_root=dataset_root(strict), seed=strict.run.seed
+    )
     untrained.eval()
     untrained_parts = dataclasses.replace(
         parts,

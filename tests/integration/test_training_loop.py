@@ -8,19 +8,18 @@ import pytest
 import torch
 
 from components.training.loader import BucketIndex, ShardReader, load_micro_batch
-from components.training.objective import (
+from components.training.loop import configure_stage
+from components.training.model_loading import load_training_model
+from components.training.objective import flow_matching_step_loss, step_generator
+from components.training.optimizer import (
     GuardConfig,
     OptimizerConfig,
     StepGuard,
     TrainingDivergedError,
     build_optimizer,
-    flow_matching_step_loss,
-    step_generator,
 )
 from model.flux_stages import STAGE_BLOCKS, block_prefix
 from pipelines.train import with_absolute_paths
-from pipelines.train_state import build_model
-from pipelines.train_worker import configure_stage
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +30,7 @@ def setup(tiny_data_run, tiny_models_dir, make_tiny_config, tmp_path_factory):
     root = Path(data_config.run.root) / "data"
     config = with_absolute_paths(make_tiny_config(tmp_path_factory.mktemp("loop"), tiny_models_dir))
     torch.set_num_threads(1)
-    model, convention = build_model(config, dataset_root=root)
+    model, convention = load_training_model(config.data.encode, dataset_root=root, seed=0)
     index = BucketIndex.from_dataset(root)
     bucket = max(index.buckets.values(), key=lambda b: b.num_rows)
     batch = load_micro_batch(bucket.locate([0, 1]), reader=ShardReader())

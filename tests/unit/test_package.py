@@ -59,7 +59,8 @@ def perturbed_model(bases: TinyModelPaths, *, seed: int) -> QwenFluxModel:
 
 
 def write_checkpoint(model: QwenFluxModel, folder: Path, *, skip: str = "") -> Path:
-    """A training checkpoint folder (pipelines/train_state.py layout) of the trained groups."""
+    """A training checkpoint folder (components/training/checkpoint_state.py layout) of the
+    trained groups."""
     weights = {
         name: param.detach().contiguous()
         for name, param in model.named_parameters()

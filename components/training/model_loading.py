@@ -1,0 +1,61 @@
+"""The trainable Qwen2VL-Flux modules from the configured checkpoints, and the dataset's latent
+convention.
+
+Model: the FLUX transformer from the diffusers-layout checkpoint, Qwen2-VL's last layer + norm
+read alone from its sharded checkpoint (components/training/encoder_tail.py) and a fresh
+connector drawn from `seed`. Convention: the VAE shift/scale the dataset's latents were encoded
+under (its manifest) and the CLIP-L pooled vector of the empty prompt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from components.checkpoints import resolve_checkpoint
+from components.data import shard_format
+from components.data.encode import EncodeConfig
+from components.training.encoder_tail import load_qwen2vl_tail
+from components.training.objective import LatentConvention, QwenFluxModel
+from model.conditioning import Connector
+
+
+def load_training_model(
+    encode: EncodeConfig, *, dataset_root: Path, seed: int, device: torch.device | str = "cpu"
+) -> tuple[QwenFluxModel, LatentConvention]:
+    """The untrained start of a training (on the CPU) and the convention (its pooled vector on
+    `device`)."""
+    from diffusers import FluxTransformer2DModel
+
+    flux = resolve_checkpoint(
+        encode.flux, revision=encode.flux_revision, root_file="model_index.json", required=()
+    )
+    transformer = FluxTransformer2DModel.from_pretrained(flux.path, subfolder="transformer")
+    tail = load_qwen2vl_tail(encode.qwen2vl, revision=encode.qwen2vl_revision)
+    torch.manual_seed(seed)
+    connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
+    scaling, shift = shard_format.vae_factors(shard_format.read_manifest(dataset_root))
+    convention = LatentConvention(
+        scaling_factor=scaling,
+        shift_factor=shift,
+        empty_pooled_P=empty_prompt_pooled(flux.path).to(device),
+    )
+    return QwenFluxModel(tail, connector, transformer), convention
+
+
+def empty_prompt_pooled(flux_root: Path) -> torch.Tensor:
+    """CLIP-L pooled vector of "" (what FLUX gets when no caption conditions the sample)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(flux_root, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(flux_root, subfolder="text_encoder").eval()
+    tokens = tokenizer(
+        [""],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        return encoder(input_ids=tokens.input_ids).pooler_output[0].float()
