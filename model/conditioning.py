@@ -18,10 +18,12 @@ guidance must use the same thing: `empty_conditioning` (or zero text tokens).
 Legend: B batch, L tokens, D hidden size (Qwen2-VL's before the connector, FLUX's after).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+
+from model.flux_forward import FluxConditioning
 
 IMAGE_ONLY = 0
 CAPTION_ONLY = 1
@@ -165,3 +167,48 @@ def unconditional_states(
         batch_size, hidden_size=connector.in_features, like=like
     )
     return connector(hidden_BLD), mask_BL
+
+
+def flux_conditioning(
+    connector: Connector,
+    hidden_BLD: torch.Tensor,
+    mask_BL: torch.Tensor,
+    *,
+    pooled_BP: torch.Tensor,
+    guidance: float | None,
+) -> FluxConditioning:
+    """The one conditioning builder: padded chosen tokens (encoder width) through the connector,
+    with their mask, the CLIP pooled vectors and the guidance value (None: a FLUX without
+    guidance embeds)."""
+    hidden_BTD = connector(hidden_BLD)
+    guidance_B = None
+    if guidance is not None:
+        guidance_B = torch.full((hidden_BTD.shape[0],), float(guidance), device=hidden_BTD.device)
+    return FluxConditioning(
+        hidden_BTD=hidden_BTD, mask_BT=mask_BL, pooled_BP=pooled_BP, guidance_B=guidance_B
+    )
+
+
+def image_only_conditioning(
+    connector: Connector,
+    image_tokens_LD: list[torch.Tensor],
+    *,
+    empty_pooled_P: torch.Tensor,
+    guidance: float | None,
+) -> FluxConditioning:
+    """Variation-mode conditioning of a batch: each sample's reference-image tokens alone and
+    the empty prompt's pooled vector (what the released model feeds without a prompt)."""
+    hidden_BLD, mask_BL = pad_tokens(image_tokens_LD)
+    pooled_BP = empty_pooled_P[None, :].expand(len(image_tokens_LD), -1)
+    return flux_conditioning(connector, hidden_BLD, mask_BL, pooled_BP=pooled_BP, guidance=guidance)
+
+
+def unconditional_conditioning(
+    connector: Connector, conditioning: FluxConditioning, *, empty_pooled_P: torch.Tensor
+) -> FluxConditioning:
+    """The classifier-free-guidance branch of `conditioning`: what a dropped training sample
+    gets (no tokens, the empty prompt's pooled vector), same guidance."""
+    batch_size = conditioning.hidden_BTD.shape[0]
+    hidden_BTD, mask_BT = unconditional_states(connector, batch_size, like=conditioning.hidden_BTD)
+    pooled_BP = empty_pooled_P[None, :].expand(batch_size, -1).to(conditioning.pooled_BP)
+    return replace(conditioning, hidden_BTD=hidden_BTD, mask_BT=mask_BT, pooled_BP=pooled_BP)

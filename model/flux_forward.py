@@ -1,6 +1,6 @@
 """One FLUX velocity prediction on padded Qwen2-VL conditioning, plus gradient checkpointing.
 
-Inputs: packed noisy latents [B, L, C] (model.flow_matching.pack_latents), their rope ids [L, 3],
+Inputs: packed noisy latents [B, L, C] (model.latent_codec.pack_latents), their rope ids [L, 3],
 sigmas [B] in [0, 1] and FluxConditioning (connector output, its text mask, CLIP pooled vector,
 guidance). Output: the predicted velocity noise - x0, [B, L, C].
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import FluxTransformer2DModel
 
-from model.flow_matching import text_ids
+from model.latent_codec import text_ids
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from model.flow_matching import add_noise, pack_latents
-from model.sampling import euler_sample
+from model.latent_codec import pack_latents
+from model.rectified_flow import add_noise, euler_sample
 
 LATENT_SIDE_MULTIPLE = 16
 """Pixel sides must divide by the VAE's /8 and then FLUX's 2x2 packing."""
@@ -143,9 +143,10 @@ def inpaint_sample(
     noise_BLC: torch.Tensor,
     repaint_BLC: torch.Tensor,
 ) -> torch.Tensor:
-    """Euler from sigmas_N1[start_index] to 0 (model.sampling.euler_sample, one step at a time);
-    after each step the kept entries (repaint_BLC False) are replaced by the init latent noised to
-    the next sigma with the same noise, so the last step leaves them equal to init_BLC."""
+    """Euler from sigmas_N1[start_index] to 0 (model.rectified_flow.euler_sample, one step at a
+    time); after each step the kept entries (repaint_BLC False) are replaced by the init latent
+    noised to the next sigma with the same noise, so the last step leaves them equal to
+    init_BLC."""
     sample_BLC = noised_BLC
     batch_size = noised_BLC.shape[0]
     for index in range(start_index, len(sigmas_N1) - 1):

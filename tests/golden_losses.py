@@ -64,7 +64,9 @@ def golden_lines(config, losses: list[float]) -> list[str]:
     ]
     if len(coordinates) != len(losses):
         raise ValueError(f"{len(losses)} losses for {len(coordinates)} steps")
-    return [f"{name} {step} {loss:.9g}" for (name, step), loss in zip(coordinates, losses)]
+    return [
+        f"{name} {step} {loss:.9g}" for (name, step), loss in zip(coordinates, losses, strict=True)
+    ]
 
 
 def read_golden() -> list[tuple[str, int, float]]:
@@ -76,8 +78,9 @@ def read_golden() -> list[tuple[str, int, float]]:
 
 
 def _build_and_run(work: Path) -> list[str]:
-    from components.tiny_models import build_tiny_models
     from conftest import tiny_config
+
+    from components.tiny_models import build_tiny_models
     from pipelines.data import run_data
 
     models = build_tiny_models(work / "tiny_models", seed=0)

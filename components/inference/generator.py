@@ -9,7 +9,7 @@ go) into an image.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -35,15 +35,11 @@ from components.inference.request_schema import (
     uses_reference_tokens,
     validate_request,
 )
-from model.conditioning import image_token_states, real_token_states, unconditional_states
-from model.flow_matching import (
-    add_noise,
-    latent_image_ids,
-    pack_latents,
-    resolution_shift_mu,
-    scale_latents,
-    unpack_latents,
-    unscale_latents,
+from model.conditioning import (
+    flux_conditioning,
+    image_token_states,
+    real_token_states,
+    unconditional_conditioning,
 )
 from model.flux_forward import (
     ControlCondition,
@@ -62,8 +58,16 @@ from model.generation import (
     pack_mask,
     repaint_mask,
 )
+from model.latent_codec import LatentCodec, latent_image_ids, pack_latents
 from model.qwen2vl_tail import PromptBatch, run_prefix
-from model.sampling import euler_sample, flux_sigmas, guided_velocity
+from model.rectified_flow import (
+    add_noise,
+    euler_sample,
+    flux_sigmas,
+    guided,
+    resolution_shift_mu,
+    sample,
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -78,6 +82,13 @@ class GeneratorSettings:
     vae_shift_factor: float
     guidance: float = 3.5
     """Default FLUX-dev guidance-embedding value (what training fed)."""
+
+    @property
+    def codec(self) -> LatentCodec:
+        """The latent codec of the VAE factors the model was trained under."""
+        return LatentCodec(
+            scaling_factor=self.vae_scaling_factor, shift_factor=self.vae_shift_factor
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -194,37 +205,32 @@ class Generator:
         )
         noise_BLC = pack_latents(noise_BCHW).to(self.device)
         image_ids_L3 = latent_image_ids(latent_height, width_latent=latent_width).to(self.device)
-        sigmas_N1 = flux_sigmas(request.steps, mu=resolution_shift_mu(noise_BLC.shape[1]))
-        sigmas_N1 = sigmas_N1.to(self.device)
-        velocity = partial(
-            self._velocity, image_ids_L3=image_ids_L3, conditioning=conditioning, controls=controls
-        )
+        velocity = partial(self._velocity, image_ids_L3=image_ids_L3, controls=controls)
+        conditional, unconditional = partial(velocity, conditioning=conditioning), None
         if request.cfg_scale != 1.0:
-            velocity = partial(
-                guided_velocity,
-                conditional=velocity,
-                unconditional=partial(
-                    self._velocity,
-                    image_ids_L3=image_ids_L3,
-                    conditioning=self._unconditional(conditioning),
-                    controls=controls,
-                ),
-                scale=float(request.cfg_scale),
+            empty = unconditional_conditioning(
+                self.parts.connector, conditioning, empty_pooled_P=self._empty_pooled_P
             )
+            unconditional = partial(velocity, conditioning=empty)
         if request.mode in INIT_IMAGE_MODES:
+            sigmas_N1 = flux_sigmas(request.steps, mu=resolution_shift_mu(noise_BLC.shape[1]))
             packed_BLC = self._sample_from_init(
-                request, reference, velocity=velocity, noise_BLC=noise_BLC, sigmas_N1=sigmas_N1
+                request,
+                reference,
+                velocity=guided(conditional, unconditional, request.cfg_scale),
+                noise_BLC=noise_BLC,
+                sigmas_N1=sigmas_N1.to(self.device),
             )
         else:
-            packed_BLC = euler_sample(velocity, noise_BLC, sigmas_N1=sigmas_N1)
-        latents = unpack_latents(packed_BLC, height=latent_height, width=latent_width)
-        settings = self.parts.settings
-        raw = unscale_latents(
-            latents.float(),
-            scaling_factor=settings.vae_scaling_factor,
-            shift_factor=settings.vae_shift_factor,
-        )
-        return raw.cpu()
+            packed_BLC = sample(
+                conditional,
+                noise_BLC,
+                num_steps=request.steps,
+                unconditional=unconditional,
+                cfg_scale=request.cfg_scale,
+            )
+        codec = self.parts.settings.codec
+        return codec.decode(packed_BLC, height=latent_height, width=latent_width).cpu()
 
     @torch.inference_mode()
     def decode_latents(self, raw_BCHW: torch.Tensor) -> list[Image.Image]:
@@ -262,14 +268,9 @@ class Generator:
         conditions = []
         for control, image in zip(request.control, self.control_maps(request), strict=True):
             raw_BCHW = self.encoder.encode_latents([image])[0][None]
-            scaled = scale_latents(
-                raw_BCHW,
-                scaling_factor=settings.vae_scaling_factor,
-                shift_factor=settings.vae_shift_factor,
-            )
             conditions.append(
                 ControlCondition(
-                    image_BLC=pack_latents(scaled).to(self.device, self.dtype),
+                    image_BLC=settings.codec.encode(raw_BCHW).to(self.device, self.dtype),
                     mode=union_mode(self.parts.controlnet, control.kind),
                     strength=float(control.strength),
                 )
@@ -331,26 +332,15 @@ class Generator:
         if uses_prompt_tokens(request):
             chosen_TD.append(self.prompt_tokens(request.prompt))
             pooled_P = self.encoder.encode_clip_pooled([request.prompt])[0]
-        hidden_BTD = self.parts.connector(torch.cat(chosen_TD)[None])
+        hidden_BTD = torch.cat(chosen_TD)[None]
         guidance = self.parts.settings.guidance if request.guidance is None else request.guidance
-        return FluxConditioning(
-            hidden_BTD=hidden_BTD,
-            mask_BT=torch.ones(hidden_BTD.shape[:2], dtype=torch.bool, device=self.device),
+        return flux_conditioning(
+            self.parts.connector,
+            hidden_BTD,
+            torch.ones(hidden_BTD.shape[:2], dtype=torch.bool, device=self.device),
             pooled_BP=pooled_P[None].to(self.device, self.dtype),
-            guidance_B=(
-                torch.full((1,), float(guidance), device=self.device)
-                if self.has_guidance_embeds
-                else None
-            ),
+            guidance=float(guidance) if self.has_guidance_embeds else None,
         )
-
-    def _unconditional(self, conditioning: FluxConditioning) -> FluxConditioning:
-        """What a dropped training sample gets: no tokens, the empty prompt's pooled vector."""
-        hidden_BTD, mask_BT = unconditional_states(
-            self.parts.connector, 1, like=conditioning.hidden_BTD
-        )
-        pooled_BP = self._empty_pooled_P[None].to(conditioning.pooled_BP)
-        return replace(conditioning, hidden_BTD=hidden_BTD, mask_BT=mask_BT, pooled_BP=pooled_BP)
 
     def _velocity(
         self,
@@ -395,13 +385,7 @@ class Generator:
         start_index = img2img_start_index(request.steps, request.strength)
         settings = self.parts.settings
         raw_BCHW = self.encoder.encode_latents([reference])[0][None]
-        init_BLC = pack_latents(
-            scale_latents(
-                raw_BCHW,
-                scaling_factor=settings.vae_scaling_factor,
-                shift_factor=settings.vae_shift_factor,
-            )
-        ).to(self.device)
+        init_BLC = settings.codec.encode(raw_BCHW).to(self.device)
         noised_BLC = add_noise(
             init_BLC, noise_BLP=noise_BLC, sigmas_B=sigmas_N1[start_index : start_index + 1]
         )

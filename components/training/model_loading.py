@@ -19,6 +19,7 @@ from components.data.encode import EncodeConfig
 from components.training.encoder_tail import load_qwen2vl_tail
 from components.training.objective import LatentConvention, QwenFluxModel
 from model.conditioning import Connector
+from model.latent_codec import LatentCodec
 
 
 def load_training_model(
@@ -37,8 +38,7 @@ def load_training_model(
     connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
     scaling, shift = shard_format.vae_factors(shard_format.read_manifest(dataset_root))
     convention = LatentConvention(
-        scaling_factor=scaling,
-        shift_factor=shift,
+        codec=LatentCodec(scaling_factor=scaling, shift_factor=shift),
         empty_pooled_P=empty_prompt_pooled(flux.path).to(device),
     )
     return QwenFluxModel(tail, connector, transformer), convention

@@ -10,8 +10,7 @@ sigmas with fixed noise, and fixed-seed generations, on the held-out batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,27 +21,24 @@ from model.conditioning import (
     IMAGE_AND_CAPTION,
     Connector,
     assemble_conditioning,
+    flux_conditioning,
+    image_only_conditioning,
     image_token_states,
-    pad_tokens,
     real_token_states,
-    unconditional_states,
+    unconditional_conditioning,
 )
-from model.flow_matching import (
+from model.flux_forward import FluxConditioning, predict_velocity
+from model.latent_codec import LatentCodec, latent_image_ids, pack_latents
+from model.qwen2vl_tail import Qwen2VLTail
+from model.rectified_flow import (
     add_noise,
     fixed_sigmas,
     flow_matching_loss,
-    latent_image_ids,
-    pack_latents,
     resolution_shift_mu,
+    sample,
     sample_sigmas,
-    scale_latents,
-    unpack_latents,
-    unscale_latents,
     velocity_target,
 )
-from model.flux_forward import FluxConditioning, predict_velocity
-from model.qwen2vl_tail import Qwen2VLTail
-from model.sampling import euler_sample, flux_sigmas, guided_velocity
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -94,8 +90,8 @@ class ObjectiveConfig:
 class LatentConvention:
     """Constants of the data and model the loss needs (from the manifest and the base model)."""
 
-    scaling_factor: float
-    shift_factor: float
+    codec: LatentCodec
+    """The dataset's VAE shift/scale (its manifest) and FLUX's packing."""
     empty_pooled_P: torch.Tensor
     """CLIP-L pooled vector of the empty prompt: what the released inference code feeds FLUX, and
     what image-only and unconditional samples get here."""
@@ -139,14 +135,9 @@ class PackedLatents:
 
     @classmethod
     def from_raw(cls, raw_BCHW: torch.Tensor, convention: LatentConvention) -> PackedLatents:
-        latents = scale_latents(
-            raw_BCHW,
-            scaling_factor=convention.scaling_factor,
-            shift_factor=convention.shift_factor,
-        )
-        height, width = latents.shape[-2:]
-        image_ids_L3 = latent_image_ids(height, width_latent=width).to(latents.device)
-        return cls(pack_latents(latents), image_ids_L3)
+        height, width = raw_BCHW.shape[-2:]
+        image_ids_L3 = latent_image_ids(height, width_latent=width).to(raw_BCHW.device)
+        return cls(convention.codec.encode(raw_BCHW), image_ids_L3)
 
 
 def flow_matching_step_loss(
@@ -185,15 +176,14 @@ def flow_matching_step_loss(
     )
     sigmas_B = sigmas_B.to(device)
     noise_BLC = torch.randn(packed.data_BLC.shape, generator=generator).to(device)
-    flux_conditioning = FluxConditioning(
-        hidden_BTD=model.connector(conditioning.hidden_BLD),
-        mask_BT=conditioning.mask_BL,
+    chosen = flux_conditioning(
+        model.connector,
+        conditioning.hidden_BLD,
+        conditioning.mask_BL,
         pooled_BP=pooled_BP,
-        guidance_B=torch.full((batch_size,), objective.guidance, device=device),
+        guidance=objective.guidance,
     )
-    return velocity_loss(
-        model, packed, noise_BLC=noise_BLC, sigmas_B=sigmas_B, conditioning=flux_conditioning
-    )
+    return velocity_loss(model, packed, noise_BLC=noise_BLC, sigmas_B=sigmas_B, conditioning=chosen)
 
 
 def velocity_loss(
@@ -235,16 +225,15 @@ def validation_losses(
     generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         image_tokens, _ = condition_tokens(model, batch)
-        hidden_BLD, mask_BL = pad_tokens(image_tokens)
         packed = PackedLatents.from_raw(batch["vae_latent"], convention)
         batch_size, num_tokens = packed.data_BLC.shape[:2]
         device = packed.data_BLC.device
         noise_BLC = torch.randn(packed.data_BLC.shape, generator=generator).to(device)
-        conditioning = FluxConditioning(
-            hidden_BTD=model.connector(hidden_BLD),
-            mask_BT=mask_BL,
-            pooled_BP=convention.empty_pooled_P[None, :].expand(batch_size, -1),
-            guidance_B=torch.full((batch_size,), objective.guidance, device=device),
+        conditioning = image_only_conditioning(
+            model.connector,
+            image_tokens,
+            empty_pooled_P=convention.empty_pooled_P,
+            guidance=objective.guidance,
         )
         mu = resolution_shift_mu(num_tokens)
         losses = {}
@@ -280,38 +269,39 @@ def validation_samples(
     raw = batch["vae_latent"]
     height, width = raw.shape[-2:]
     generator = torch.Generator().manual_seed(GRID_SEED)
-    noise = pack_latents(torch.randn(raw.shape, generator=generator)).to(raw.device)
+    codec = convention.codec
+    noise_BLC = codec.encode(torch.randn(raw.shape, generator=generator)).to(raw.device)
+    # The noise is a standard normal in FLUX's space: pack it without the VAE's shift/scale.
+    noise_BLC = pack_latents(
+        torch.randn(raw.shape, generator=torch.Generator().manual_seed(GRID_SEED))
+    ).to(raw.device)
     with torch.no_grad():
         image_tokens, _ = condition_tokens(model, batch)
-        hidden, mask = pad_tokens(image_tokens)
-        conditioning = FluxConditioning(
-            model.connector(hidden),
-            mask,
-            convention.empty_pooled_P[None, :].expand(raw.shape[0], -1),
-            torch.full((raw.shape[0],), objective.guidance, device=raw.device),
+        conditioning = image_only_conditioning(
+            model.connector,
+            image_tokens,
+            empty_pooled_P=convention.empty_pooled_P,
+            guidance=objective.guidance,
         )
-        ids = latent_image_ids(height, width_latent=width).to(raw.device)
-        sigmas = flux_sigmas(GRID_SAMPLING_STEPS, mu=resolution_shift_mu(noise.shape[1]))
+        ids_L3 = latent_image_ids(height, width_latent=width).to(raw.device)
 
-        def predictor(conditioning: FluxConditioning):
+        def velocity(given: FluxConditioning):
             return lambda x, s: predict_velocity(
-                model.transformer, x, image_ids_L3=ids, sigmas_B=s, conditioning=conditioning
+                model.transformer, x, image_ids_L3=ids_L3, sigmas_B=s, conditioning=given
             )
 
-        velocity = predictor(conditioning)
+        unconditional = None
         if cfg_scale != 1.0:
-            empty_BTD, empty_BT = unconditional_states(model.connector, raw.shape[0], like=hidden)
-            unconditional = replace(conditioning, hidden_BTD=empty_BTD, mask_BT=empty_BT)
-            velocity = partial(
-                guided_velocity,
-                conditional=velocity,
-                unconditional=predictor(unconditional),
-                scale=float(cfg_scale),
+            unconditional = velocity(
+                unconditional_conditioning(
+                    model.connector, conditioning, empty_pooled_P=convention.empty_pooled_P
+                )
             )
-        packed = euler_sample(velocity, noise, sigmas_N1=sigmas.to(raw.device))
-        generated = unpack_latents(packed, height=height, width=width)
-        return unscale_latents(
-            generated.float(),
-            scaling_factor=convention.scaling_factor,
-            shift_factor=convention.shift_factor,
+        packed = sample(
+            velocity(conditioning),
+            noise_BLC,
+            num_steps=GRID_SAMPLING_STEPS,
+            unconditional=unconditional,
+            cfg_scale=cfg_scale,
         )
+        return convention.codec.decode(packed, height=height, width=width)

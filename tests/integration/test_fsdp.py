@@ -44,8 +44,8 @@ def _build(models):
 
 
 def _loss(model, *, rank: int, step: int) -> torch.Tensor:
-    from model.flow_matching import latent_image_ids
     from model.flux_forward import FluxConditioning, predict_velocity
+    from model.latent_codec import latent_image_ids
 
     generator = torch.Generator().manual_seed(100 * step + rank)
     config = model.transformer.config

@@ -190,8 +190,7 @@ def test_variation_reproduces_the_training_validation_sampler(
 ):
     settings = generator.parts.settings
     convention = LatentConvention(
-        scaling_factor=settings.vae_scaling_factor,
-        shift_factor=settings.vae_shift_factor,
+        codec=settings.codec,
         empty_pooled_P=empty_prompt_pooled(generator.parts.flux_path),
     )
     expected = validation_samples(

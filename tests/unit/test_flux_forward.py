@@ -5,13 +5,13 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from model.conditioning import empty_conditioning, pad_tokens
-from model.flow_matching import latent_image_ids, pack_latents
 from model.flux_forward import (
     FluxConditioning,
     joint_attention_mask,
     predict_velocity,
     set_gradient_checkpointing,
 )
+from model.latent_codec import latent_image_ids, pack_latents
 from model.presets import (
     TINY_FLUX_JOINT_ATTENTION_DIM,
     TINY_FLUX_POOLED_PROJECTION_DIM,

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from model.flow_matching import add_noise, pack_latents
 from model.generation import (
     apply_focus,
     circle_focus_weights,
@@ -18,7 +17,8 @@ from model.generation import (
     pack_mask,
     repaint_mask,
 )
-from model.sampling import euler_sample, flux_sigmas
+from model.latent_codec import pack_latents
+from model.rectified_flow import add_noise, euler_sample, flux_sigmas
 
 pytestmark = pytest.mark.unit
 

@@ -5,22 +5,24 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from model.flow_matching import (
+from model.latent_codec import (
+    latent_image_ids,
+    pack_latents,
+    scale_latents,
+    text_ids,
+    unpack_latents,
+    unscale_latents,
+)
+from model.presets import VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
+from model.rectified_flow import (
     add_noise,
     fixed_sigmas,
     flow_matching_loss,
-    latent_image_ids,
-    pack_latents,
     resolution_shift_mu,
     sample_sigmas,
-    scale_latents,
-    text_ids,
     time_shift,
-    unpack_latents,
-    unscale_latents,
     velocity_target,
 )
-from model.presets import VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
 
 pytestmark = pytest.mark.unit
 

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from model.flow_matching import add_noise, velocity_target
-from model.sampling import euler_sample, flux_sigmas
+from model.rectified_flow import add_noise, euler_sample, flux_sigmas, velocity_target
 
 pytestmark = pytest.mark.unit
 
