@@ -12,7 +12,7 @@
     qwenflux demo [--config tiny] [--set k=v]      tiny models, data, training, registry,
                                                     batch inference
     qwenflux show-config --config PRESET           the resolved config, after overrides
-    qwenflux plan [--config a100x8] [--gpus N]     real-scale memory, FLOPs and days per stage
+    qwenflux plan [--config a100x8] [--set k=v]    memory, FLOPs and days per stage of a preset
 
 Heavy libraries are imported inside the commands so `qwenflux --help` stays fast.
 """
@@ -36,11 +36,16 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True, type=Path, help="output folder")
     tiny.add_argument("--seed", type=int, default=0)
 
-    plan = commands.add_parser("plan", help="per-stage memory, FLOPs and days at real scale")
+    plan = commands.add_parser("plan", help="per-stage memory, FLOPs and days of a preset")
     plan.add_argument("--config", default="a100x8", help="preset name or TOML path")
-    plan.add_argument("--gpus", type=int, default=None, help="GPUs (default 8)")
-    plan.add_argument("--global-batch", type=int, default=None, help="samples/step (default 128)")
-    plan.add_argument("--mfu", type=float, default=None, help="assumed MFU (default 0.35)")
+    plan.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.resources.num_workers=4 or plan.mfu=0.4",
+    )
 
     configured = {}
     for name, help_text in (
@@ -126,10 +131,7 @@ def _tiny_models(out: Path, seed: int) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from pipelines.plan import plan_preset
 
-    report = plan_preset(
-        args.config, num_gpus=args.gpus, global_batch=args.global_batch, mfu=args.mfu
-    )
-    print(report.format())
+    print(plan_preset(args.config, args.overrides).format())
     return 0
 
 

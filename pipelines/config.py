@@ -258,6 +258,40 @@ class InferConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class PlanConfig:
+    """What `qwenflux plan` assumes beyond what the run trains (defaults: A100-80GB, bf16).
+
+    "Device" is what one Ray Train worker trains on: a GPU, or with gpus_per_worker = 0 the
+    worker's share of the host."""
+
+    mfu: float = 0.35
+    """Model FLOPs utilisation assumed for step time and days (model FLOPs exclude recompute)."""
+    device_peak_tflops: float = 312.0
+    """Dense peak TFLOP/s of one device at the compute precision trained (A100: 312 bf16)."""
+    device_memory_gib: float = 80.0
+    """Memory of one device the fit verdict compares against (A100-80GB: 80 GiB)."""
+    overhead_gib: float = 4.0
+    """Per device: CUDA context, NCCL buffers, allocator fragmentation, transient buffers."""
+    image_prompt_extra_tokens: int = 26
+    """Tokens of the reference-image chat turn besides its image tokens (template, vision
+    markers, instruction); the Qwen2-VL layer replays them with the image tokens."""
+    caption_prompt_tokens: int = 96
+    """Tokens of the caption chat turn (template + caption), the longest in a micro-batch (the
+    trainer pads to it); the Qwen2-VL layer replays it every step, FLUX sees it per the
+    objective's caption probabilities."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"mfu must lie in (0, 1], got {self.mfu}")
+        if self.device_peak_tflops <= 0 or self.device_memory_gib <= 0:
+            raise ValueError("device_peak_tflops and device_memory_gib must be > 0")
+        if self.overhead_gib < 0:
+            raise ValueError(f"overhead_gib must be >= 0, got {self.overhead_gib}")
+        if self.image_prompt_extra_tokens < 0 or self.caption_prompt_tokens < 0:
+            raise ValueError("image_prompt_extra_tokens and caption_prompt_tokens must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class PipelineConfig:
     """The whole config of one run: a preset file plus overrides."""
 
@@ -267,6 +301,8 @@ class PipelineConfig:
     tracking: TrackingConfig
     registry: RegistryConfig
     infer: InferConfig
+    plan: PlanConfig
+    """Assumptions of `qwenflux plan` ([plan]); training ignores them."""
 
 
 def preset_path(name_or_path: str) -> Path:

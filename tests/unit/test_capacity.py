@@ -1,5 +1,6 @@
 """The real-scale planner: parameter counts from the shipped public configs (meta device) against
-ARCHITECTURE.md and against counts derived here from the configs' dims; memory and FLOPs maths."""
+ARCHITECTURE.md and against counts derived here from the configs' dims; memory and FLOPs maths.
+How a preset becomes a plan (overrides, [plan], the CLI) is tests/unit/test_plan.py."""
 
 import json
 from dataclasses import replace
@@ -17,8 +18,7 @@ from components.training.capacity import (
     plan_stage,
 )
 from model.flux_stages import STAGE_BLOCKS
-from pipelines.cli import main
-from pipelines.plan import REFERENCE_CONFIG_DIR, plan
+from pipelines.plan import REFERENCE_CONFIG_DIR, plan_preset
 
 pytestmark = pytest.mark.unit
 
@@ -29,7 +29,7 @@ ARCHITECTURE_STAGE_PARAMS = {1: 3.115e9, 2: 3.455e9, 3: 3.455e9}
 
 @pytest.fixture(scope="module")
 def report():
-    return plan()
+    return plan_preset("a100x8")
 
 
 def _linear(fan_in: int, fan_out: int) -> int:
@@ -92,7 +92,7 @@ def test_block_counts_match_config_dims_and_architecture(report):
 
 
 def test_stage_counts_match_architecture(report):
-    stages = dict(report.stages)
+    stages = {stage.number: stage.plan for stage in report.stages}
     assert sorted(stages) == [1, 2, 3]
     for number, expected in ARCHITECTURE_STAGE_PARAMS.items():
         assert stages[number].trainable_flux_params == pytest.approx(expected, rel=1e-3)
@@ -109,11 +109,13 @@ def test_encoder_side_matches_config_dims(report):
 
 
 def test_reference_run_fits_with_fsdp_only(report):
-    capacity = report.setup.gpu_memory_gib * 1024**3
-    for _, stage in report.stages:
-        assert stage.fsdp.fits(capacity) and not stage.ddp.fits(capacity)
-        assert stage.backward_blocks == (0, 56)
-        assert 20 < stage.days < 45  # the report: "about one month"
+    capacity = report.setup.device_memory_gib * 1024**3
+    for stage in report.stages:
+        assert stage.plan.fsdp.fits(capacity) and not stage.plan.ddp.fits(capacity)
+        assert stage.plan.backward_blocks == (0, 56)
+    assert sum(stage.plan.num_steps for stage in report.stages) == 100_000
+    # The report: 100K updates in "about one month" (the preset splits them over the stages).
+    assert 20 < sum(stage.plan.days for stage in report.stages) < 45
 
 
 def _shapes() -> tuple[FluxShape, EncoderTailShape]:
@@ -141,8 +143,10 @@ def _shapes() -> tuple[FluxShape, EncoderTailShape]:
 
 def test_fsdp_is_below_ddp_and_shards_scale_inverse_with_gpus():
     flux, tail = _shapes()
-    small = plan_stage(flux, tail, TrainingSetup(num_gpus=4, global_batch=32), (1, 3))
-    large = plan_stage(flux, tail, TrainingSetup(num_gpus=8, global_batch=32), (1, 3))
+    four = TrainingSetup(num_workers=4, micro_batch=4, grad_accum=2)
+    eight = TrainingSetup(num_workers=8, micro_batch=4, grad_accum=2)
+    small = plan_stage(flux, tail, four, (1, 3), num_steps=10)
+    large = plan_stage(flux, tail, eight, (1, 3), num_steps=10)
     assert small.fsdp.total < small.ddp.total
     for part in ("weights", "grads", "optimizer"):
         assert getattr(small.fsdp, part) == pytest.approx(2 * getattr(large.fsdp, part))
@@ -153,9 +157,9 @@ def test_fsdp_is_below_ddp_and_shards_scale_inverse_with_gpus():
 
 def test_frozen_blocks_skip_weight_grads_and_conditioning_opens_the_whole_path():
     flux, tail = _shapes()
-    setup = TrainingSetup(num_gpus=1, global_batch=2, grad_accum=1, image_tokens=4, text_tokens=2)
-    with_conditioning = plan_stage(flux, tail, setup, (3,))
-    flux_only = plan_stage(flux, tail, setup, (3,), trains_conditioning=False)
+    setup = TrainingSetup(num_workers=1, micro_batch=2, grad_accum=1, image_tokens=4, text_tokens=2)
+    with_conditioning = plan_stage(flux, tail, setup, (3,), num_steps=1)
+    flux_only = plan_stage(flux, tail, setup, (3,), num_steps=1, trains_conditioning=False)
     assert with_conditioning.backward_blocks == (0, 4) and flux_only.backward_blocks == (3, 4)
     linear = 2 * (400 * 4 + 400 * 2) * setup.global_batch
     assert flux_only.flops.backward_weight == linear
@@ -170,20 +174,48 @@ def test_rejects_bad_block_indices(indices):
     with pytest.raises(ValueError):
         check_block_indices(big_flux, indices)
     with pytest.raises(ValueError):
-        plan_stage(big_flux, tail, TrainingSetup(), indices)
+        plan_stage(big_flux, tail, TrainingSetup(), indices, num_steps=1)
 
 
-def test_setup_rejects_a_batch_that_does_not_split():
-    with pytest.raises(ValueError, match="global_batch"):
-        TrainingSetup(num_gpus=8, global_batch=100, grad_accum=2)
+def test_setup_derives_the_global_batch_and_rejects_bad_values():
+    assert TrainingSetup(num_workers=8, micro_batch=8, grad_accum=2).global_batch == 128
+    with pytest.raises(ValueError, match="micro_batch"):
+        TrainingSetup(micro_batch=0)
+    with pytest.raises(ValueError, match="mfu"):
+        TrainingSetup(mfu=0.0)
+    flux, tail = _shapes()
+    with pytest.raises(ValueError, match="num_steps"):
+        plan_stage(flux, tail, TrainingSetup(), (1,), num_steps=0)
 
 
-def test_cli_prints_the_plan(capsys, tmp_path):
-    assert main(["plan", "--gpus", "16", "--global-batch", "256", "--mfu", "0.4"]) == 0
-    printed = capsys.readouterr().out
-    assert "16 GPUs" in printed and "stage 3" in printed and "45 distinct" in printed
-    assert main(["plan", "--global-batch", "100"]) == 2
-    preset = tmp_path / "elsewhere.toml"
-    preset.write_text('[data.encode]\nqwen2vl = "some/other-model"\n')
-    assert main(["plan", "--config", str(preset)]) == 2
-    assert "some/other-model" in capsys.readouterr().err
+def test_days_follow_the_stage_steps():
+    flux, tail = _shapes()
+    short = plan_stage(flux, tail, TrainingSetup(), (1,), num_steps=1_000)
+    long = plan_stage(flux, tail, TrainingSetup(), (1,), num_steps=4_000)
+    assert long.step_seconds == short.step_seconds
+    assert long.days == pytest.approx(4 * short.days)
+
+
+def test_checkpointing_and_precision_change_activations_and_recompute():
+    flux, tail = _shapes()
+    base = TrainingSetup(num_workers=1, micro_batch=2, grad_accum=1, image_tokens=4, text_tokens=2)
+    checkpointed = plan_stage(flux, tail, base, (3,), num_steps=1)
+    kept = plan_stage(flux, tail, replace(base, gradient_checkpointing=False), (3,), num_steps=1)
+    fp32 = plan_stage(flux, tail, replace(base, compute_bf16=False), (3,), num_steps=1)
+    assert checkpointed.flops.recompute > 0 and kept.flops.recompute == 0
+    assert kept.flops.model == checkpointed.flops.model
+    # Path 0..4: 5 blocks x 30 saved values per token, against 5 inputs x width 8 + one block's 30.
+    assert kept.ddp.activations > checkpointed.ddp.activations
+    assert fp32.ddp.activations == 2 * checkpointed.ddp.activations
+    assert fp32.ddp.working == 0 and checkpointed.ddp.working == 2 * checkpointed.trainable_params
+
+
+def test_encoder_prompts_are_replayed_separately():
+    flux, tail = _shapes()
+    one = TrainingSetup(encoder_prompt_tokens=(40,))
+    two = TrainingSetup(encoder_prompt_tokens=(20, 20))
+    joint, split = (plan_stage(flux, tail, setup, (1,), num_steps=1) for setup in (one, two))
+    assert split.encoder_tokens_per_step == joint.encoder_tokens_per_step
+    assert split.ddp.activations == joint.ddp.activations
+    # Causal attention per prompt: 2 x 20^2 < 40^2.
+    assert split.flops.forward < joint.flops.forward
