@@ -17,16 +17,8 @@ from pipelines.config import PipelineConfig
 from pipelines.config_loading import config_hash, flatten, to_plain
 from pipelines.data_report import code_version
 from pipelines.ray_session import ray_session
-from pipelines.train_tracking import experiment_id, tracking_uri
-
-
-def dataset_root(config: PipelineConfig) -> Path:
-    return Path(config.train.dataset or Path(config.run.root) / "data").resolve()
-
-
-def storage_path(config: PipelineConfig) -> str:
-    path = config.train.storage_path or str(Path(config.run.root) / "train")
-    return path if "://" in path else str(Path(path).resolve())
+from pipelines.run_layout import RunLayout
+from pipelines.train_tracking import experiment_id, stage_progress, tracking_uri
 
 
 def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
@@ -52,10 +44,10 @@ def run_training(config: PipelineConfig):
     from pipelines.train_worker import train_loop_per_worker
 
     config = with_absolute_paths(config)
-    root = dataset_root(config)
+    layout = RunLayout(config)
+    root = layout.dataset_root
     manifest = preflight(config, root)
-    run_name = f"{config.run.name}-train"
-    parent_run_id = _parent_run(config, manifest, run_name=run_name)
+    parent_run_id = _parent_run(config, manifest, run_name=layout.train_run_name)
     resources = config.train.resources
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -73,14 +65,15 @@ def run_training(config: PipelineConfig):
             },
         ),
         run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path(config),
+            name=layout.train_run_name,
+            storage_path=layout.train_storage,
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    with ray_session(config.run, temp_root=Path(config.run.root)):
-        result = trainer.fit()
+    with ray_session(config.run, temp_root=layout.root):
+        with stage_progress(config, parent_run_id=parent_run_id):
+            result = trainer.fit()
     _close_parent(config, parent_run_id, failed=result.error is not None)
     if result.error is not None:
         raise result.error
@@ -124,7 +117,7 @@ def _check_checkpoint_format(config: PipelineConfig) -> None:
     (and be retried max_failures times): refuse them here, once, by name."""
     from components.training.checkpoint_state import CHECKPOINT_FORMAT
 
-    for folder, state in local_checkpoint_states(config):
+    for folder, state in RunLayout(config).checkpoint_states():
         found = state.get("format")
         if found != CHECKPOINT_FORMAT:
             raise ValueError(
@@ -133,27 +126,12 @@ def _check_checkpoint_format(config: PipelineConfig) -> None:
             )
 
 
-def local_checkpoint_states(config: PipelineConfig) -> list[tuple[Path, dict]]:
-    """(folder, state.json contents) of this training's checkpoints, oldest first, when
-    `train.storage_path` is local; empty for remote storage (s3://, gs://)."""
-    from components.training.checkpoint_state import STATE_FILE
-
-    storage = storage_path(config)
-    if "://" in storage:
-        return []
-    run_dir = Path(storage) / f"{config.run.name}-train"
-    return [
-        (state_file.parent, json.loads(state_file.read_text()))
-        for state_file in sorted(run_dir.glob(f"checkpoint_*/{STATE_FILE}"))
-    ]
-
-
 def _parent_run(config: PipelineConfig, manifest: dict, *, run_name: str) -> str:
     """The parent run of this training: reopened from the run folder on resume."""
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
-    marker = Path(config.run.root) / "train_parent_run.json"
+    marker = RunLayout(config).parent_run_marker
     client = MlflowClient(tracking_uri=tracking_uri(config))
     if marker.exists():
         parent = json.loads(marker.read_text())

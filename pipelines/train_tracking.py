@@ -8,7 +8,9 @@ MlflowClient with explicit run ids, so no global "active run" state crosses proc
 
 from __future__ import annotations
 
-import os
+import contextlib
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,24 +19,20 @@ import torch
 
 def tracking_uri(config) -> str:
     """The configured tracking URI, or a SQLite file in the run directory."""
-    if config.tracking.tracking_uri:
-        return config.tracking.tracking_uri
-    return f"sqlite:///{Path(config.run.root).resolve() / 'mlflow.db'}"
+    from pipelines.run_layout import RunLayout
 
-
-def artifact_location(config) -> str:
-    if config.tracking.artifact_location:
-        return config.tracking.artifact_location
-    return (Path(config.run.root).resolve() / "mlartifacts").as_uri()
+    return RunLayout(config).tracking_uri
 
 
 def experiment_id(client, config) -> str:
     """The training experiment, created with the configured artifact root if missing."""
+    from pipelines.run_layout import RunLayout
+
     name = config.tracking.experiment_name
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(config))
+    return client.create_experiment(name, artifact_location=RunLayout(config).artifact_location)
 
 
 class StageTracker:
@@ -43,7 +41,6 @@ class StageTracker:
     def __init__(self, config, *, parent_run_id: str) -> None:
         from mlflow.tracking import MlflowClient
 
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         self.config = config
         self.client = MlflowClient(tracking_uri=tracking_uri(config))
         self.parent_run_id = parent_run_id
@@ -51,12 +48,9 @@ class StageTracker:
         self.run_id = ""
         self.stage_index = 0
         self._vae = None
-        self._progress = None
 
     def start_stage(self, stage_index: int, stage, *, num_trainable: int) -> None:
         """Find the stage's child run (a resumed stage) or create it."""
-        from tqdm import tqdm
-
         self._close_stage_run()
         self.stage_index = stage_index
         found = self.client.search_runs(
@@ -78,17 +72,9 @@ class StageTracker:
             self.run_id = run.info.run_id
             self.client.log_param(self.run_id, "flux_blocks", list(stage.flux_blocks))
             self.client.log_param(self.run_id, "num_trainable_parameters", num_trainable)
-        if self._progress is not None:
-            self._progress.close()
-        self._progress = tqdm(total=stage.num_steps, desc=stage.name, unit="step")
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         self.client.log_batch(self.run_id, metrics=metric_entities(metrics, step))
-        self._progress.n = step + 1
-        self._progress.set_postfix(
-            loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_second']:.1f}"
-        )
-        self._progress.refresh()
 
     def log_validation(
         self, step: int, losses: dict[float, float], generated_raw: torch.Tensor, batch
@@ -109,8 +95,6 @@ class StageTracker:
 
     def finish(self) -> None:
         self._close_stage_run()
-        if self._progress is not None:
-            self._progress.close()
 
     def _close_stage_run(self) -> None:
         if self.run_id:
@@ -132,6 +116,61 @@ class StageTracker:
             self._vae = AutoencoderKL.from_pretrained(flux.path, subfolder="vae").eval()
             self._vae.to(latents.device)
         return self._vae.decode(latents.to(self._vae.dtype)).sample.float().cpu()
+
+
+@contextlib.contextmanager
+def stage_progress(config, *, parent_run_id: str, poll_seconds: float = 1.0) -> Iterator[None]:
+    """One progress bar per stage on the driver's terminal, following the step metrics rank 0
+    logs to MLflow (so it works the same for a local run and a remote cluster)."""
+    stop = threading.Event()
+    follower = threading.Thread(
+        target=_follow_stages, args=(config, parent_run_id, stop, poll_seconds), daemon=True
+    )
+    follower.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        follower.join()
+
+
+def _follow_stages(config, parent_run_id: str, stop: threading.Event, poll_seconds: float) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.console import progress
+
+    client = MlflowClient(tracking_uri=tracking_uri(config))
+    bars: dict[str, object] = {}
+    while True:
+        finished = stop.wait(poll_seconds)
+        try:
+            runs = client.search_runs(
+                [client.get_run(parent_run_id).info.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+            )
+        except Exception:  # the store can be briefly locked by a writer; try again next poll
+            runs = []
+        by_stage = {run.data.tags.get("stage"): run for run in runs}
+        for stage in config.train.stages:
+            run = by_stage.get(stage.name)
+            if run is None:
+                continue
+            if stage.name not in bars:
+                bars[stage.name] = progress(total=stage.num_steps, desc=stage.name, unit="step")
+            _update(bars[stage.name], client, run)
+        if finished:
+            for bar in bars.values():
+                bar.close()
+            return
+
+
+def _update(bar, client, run) -> None:
+    history = client.get_metric_history(run.info.run_id, "loss")
+    if history:
+        last = max(history, key=lambda metric: metric.step)
+        bar.n = last.step + 1
+        bar.set_postfix(loss=f"{last.value:.4f}", refresh=False)
+        bar.refresh()
 
 
 def _grid(images: torch.Tensor, *, columns: int) -> np.ndarray:

@@ -1,0 +1,106 @@
+"""Every path of one run directory, in one place.
+
+    <root>/data/...                  the data pipeline's files (pipelines/data_layout.py), unless
+                                     train.dataset names another dataset root
+    <root>/train/<name>-train/       Ray Train's storage: checkpoint_*/ folders (train.storage_path
+                                     may move it, to a local folder or s3:// / gs://)
+    <root>/train_parent_run.json     the training's MLflow parent run (kept for resume)
+    <root>/packages/<run id>/        the exported model package of a training run
+    <root>/mlflow.db, mlartifacts/   SQLite tracking store and artifacts (unless tracking.* says)
+    <root>/demo-requests/            the demo's request file and its images
+    <root>/inference/                the demo's batch inference output (images/, results.parquet)
+    <root>/ray/                      the in-process Ray cluster's session files
+    <root>/logs/                     full logs of CLI runs (the terminal shows a summary)
+
+Local paths are resolved against the working directory, so Ray workers (which run in their own
+folders) see the same files as the driver.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.config import PipelineConfig
+from pipelines.data_layout import DataLayout
+
+PARENT_MARKER = "train_parent_run.json"
+
+
+@dataclass(frozen=True, slots=True)
+class RunLayout:
+    """The paths of the run a config describes."""
+
+    config: PipelineConfig
+
+    @property
+    def root(self) -> Path:
+        return Path(self.config.run.root).resolve()
+
+    @property
+    def data(self) -> DataLayout:
+        """The data pipeline's files (source list, chunks, shards, manifest)."""
+        return DataLayout(self.root)
+
+    @property
+    def dataset_root(self) -> Path:
+        """The dataset training reads (holds manifest.json): train.dataset or <root>/data."""
+        return Path(self.config.train.dataset or self.data.data).resolve()
+
+    @property
+    def train_storage(self) -> str:
+        """Ray Train's storage_path: a resolved local folder or an object-store URI."""
+        path = self.config.train.storage_path or str(self.root / "train")
+        return path if "://" in path else str(Path(path).resolve())
+
+    @property
+    def train_run_name(self) -> str:
+        """Ray Train's run name (its folder under the storage, and the MLflow parent's prefix)."""
+        return f"{self.config.run.name}-train"
+
+    @property
+    def is_storage_local(self) -> bool:
+        return "://" not in self.train_storage
+
+    def checkpoint_states(self) -> list[tuple[Path, dict]]:
+        """(folder, state.json contents) of this training's checkpoints, oldest first, when
+        the storage is local; empty for object storage (s3://, gs://)."""
+        from components.training.checkpoint_state import STATE_FILE
+
+        if not self.is_storage_local:
+            return []
+        run_dir = Path(self.train_storage) / self.train_run_name
+        return [
+            (state_file.parent, json.loads(state_file.read_text()))
+            for state_file in sorted(run_dir.glob(f"checkpoint_*/{STATE_FILE}"))
+        ]
+
+    @property
+    def parent_run_marker(self) -> Path:
+        return self.root / PARENT_MARKER
+
+    def package_dir(self, training_run_id: str) -> Path:
+        return self.root / "packages" / training_run_id
+
+    @property
+    def tracking_uri(self) -> str:
+        """tracking.tracking_uri, or the SQLite file <root>/mlflow.db."""
+        return self.config.tracking.tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifact_location(self) -> str:
+        """tracking.artifact_location, or <root>/mlartifacts."""
+        return self.config.tracking.artifact_location or (self.root / "mlartifacts").as_uri()
+
+    @property
+    def demo_requests(self) -> Path:
+        return self.root / "demo-requests"
+
+    @property
+    def inference(self) -> Path:
+        return self.root / "inference"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
