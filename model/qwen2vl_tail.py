@@ -19,7 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+    Qwen2VLDecoderLayer,
+    Qwen2VLModel,
+    Qwen2VLRMSNorm,
+    Qwen2VLRotaryEmbedding,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +112,16 @@ class Qwen2VLTail(nn.Module):
         self.layer = layer
         self.norm = norm
         self.rotary_emb = rotary_emb
+
+    @classmethod
+    def skeleton(cls, text_config) -> "Qwen2VLTail":
+        """The tail of `text_config`'s architecture: layer and norm on the meta device (their
+        tensors to be assigned from a checkpoint), the rope built for real (its buffers come
+        from the config, not from weights). Set text_config._attn_implementation first."""
+        with torch.device("meta"):
+            layer = Qwen2VLDecoderLayer(text_config, layer_idx=text_config.num_hidden_layers - 1)
+            norm = Qwen2VLRMSNorm(text_config.hidden_size, eps=text_config.rms_norm_eps)
+        return cls(layer, norm, Qwen2VLRotaryEmbedding(config=text_config))
 
     @classmethod
     def from_model(cls, model: Qwen2VLModel) -> "Qwen2VLTail":

@@ -422,27 +422,20 @@ def _write_atomically(out_dir: Path, modules: dict[str, nn.Module], manifest: di
 def _load_tail(qwen_path: Path, tail_file: Path) -> Qwen2VLTail:
     """Qwen2VLTail of the base's architecture holding the package's tensors (strict keys)."""
     from transformers import Qwen2VLConfig
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import (
-        Qwen2VLDecoderLayer,
-        Qwen2VLRMSNorm,
-        Qwen2VLRotaryEmbedding,
-    )
 
     text_config = Qwen2VLConfig.from_pretrained(qwen_path).text_config
     text_config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        layer = Qwen2VLDecoderLayer(text_config, layer_idx=text_config.num_hidden_layers - 1)
-        norm = Qwen2VLRMSNorm(text_config.hidden_size, eps=text_config.rms_norm_eps)
+    tail = Qwen2VLTail.skeleton(text_config)
     state = load_file(str(tail_file))
     try:
-        layer.load_state_dict(_strip(state, "layer."), strict=True, assign=True)
-        norm.load_state_dict(_strip(state, "norm."), strict=True, assign=True)
+        tail.layer.load_state_dict(_strip(state, "layer."), strict=True, assign=True)
+        tail.norm.load_state_dict(_strip(state, "norm."), strict=True, assign=True)
     except RuntimeError as error:
         raise PackageError(f"{tail_file} does not fit base {qwen_path}: {error}") from None
     extra = sorted(key for key in state if not key.startswith(("layer.", "norm.")))
     if extra:
         raise PackageError(f"{tail_file}: unexpected tensors {extra[:3]}")
-    return Qwen2VLTail(layer, norm, Qwen2VLRotaryEmbedding(config=text_config))
+    return tail
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

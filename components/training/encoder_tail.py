@@ -17,12 +17,6 @@ from safetensors import safe_open
 from torch import nn
 from transformers import Qwen2VLConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
-from transformers.models.qwen2_vl.modeling_qwen2_vl import (
-    Qwen2VLDecoderLayer,
-    Qwen2VLRMSNorm,
-    Qwen2VLRotaryEmbedding,
-)
 
 from components.checkpoints import CheckpointNotFoundError, resolve_checkpoint
 from model.qwen2vl_tail import Qwen2VLTail
@@ -61,9 +55,8 @@ def load_qwen2vl_tail(
     text_config = Qwen2VLConfig.from_pretrained(resolved.path).text_config
     text_config._attn_implementation = attn_implementation
     last_index = text_config.num_hidden_layers - 1
-    with torch.device("meta"):
-        layer = Qwen2VLDecoderLayer(text_config, layer_idx=last_index)
-        norm = Qwen2VLRMSNorm(text_config.hidden_size, eps=text_config.rms_norm_eps)
+    tail = Qwen2VLTail.skeleton(text_config)
+    layer, norm = tail.layer, tail.norm
     weight_map = _weight_map(resolved.path, name=checkpoint)
     prefix = _text_model_prefix(weight_map, name=checkpoint)
     wanted = _checkpoint_names(layer, norm, prefix=prefix, last_index=last_index)
@@ -71,8 +64,7 @@ def load_qwen2vl_tail(
     tensors = _read_tensors(resolved.path, weight_map, wanted.values(), name=checkpoint)
     _assign(layer, {key: tensors[wanted[f"layer.{key}"]] for key in layer.state_dict()}, dtype)
     _assign(norm, {key: tensors[wanted[f"norm.{key}"]] for key in norm.state_dict()}, dtype)
-    rotary_emb = _rotary_embedding(text_config)
-    return Qwen2VLTail(layer, norm, rotary_emb)
+    return tail
 
 
 def _weight_map(root: Path, *, name: str) -> dict[str, str]:
@@ -153,8 +145,3 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtyp
         key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()
     }
     module.load_state_dict(cast, strict=True, assign=True)
-
-
-def _rotary_embedding(text_config: Qwen2VLTextConfig) -> Qwen2VLRotaryEmbedding:
-    # Built on the CPU: its inv_freq buffers are computed from the config, not stored.
-    return Qwen2VLRotaryEmbedding(config=text_config)

@@ -22,11 +22,9 @@ from model.conditioning import Connector
 from model.latent_codec import LatentCodec
 
 
-def load_training_model(
-    encode: EncodeConfig, *, dataset_root: Path, seed: int, device: torch.device | str = "cpu"
-) -> tuple[QwenFluxModel, LatentConvention]:
-    """The untrained start of a training (on the CPU) and the convention (its pooled vector on
-    `device`)."""
+def load_modules(encode: EncodeConfig, *, seed: int) -> QwenFluxModel:
+    """The one assembly of the Qwen2VL-Flux modules from the configured bases: base FLUX
+    transformer, Qwen2-VL's last layer + norm, a connector drawn from `seed` (on the CPU)."""
     from diffusers import FluxTransformer2DModel
 
     flux = resolve_checkpoint(
@@ -36,12 +34,30 @@ def load_training_model(
     tail = load_qwen2vl_tail(encode.qwen2vl, revision=encode.qwen2vl_revision)
     torch.manual_seed(seed)
     connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
+    return QwenFluxModel(tail, connector, transformer)
+
+
+def latent_convention(
+    encode: EncodeConfig, *, dataset_root: Path, device: torch.device | str = "cpu"
+) -> LatentConvention:
+    """The dataset's VAE factors (its manifest) and the empty prompt's pooled vector (on
+    `device`)."""
+    flux = resolve_checkpoint(
+        encode.flux, revision=encode.flux_revision, root_file="model_index.json", required=()
+    )
     scaling, shift = shard_format.vae_factors(shard_format.read_manifest(dataset_root))
-    convention = LatentConvention(
+    return LatentConvention(
         codec=LatentCodec(scaling_factor=scaling, shift_factor=shift),
         empty_pooled_P=empty_prompt_pooled(flux.path).to(device),
     )
-    return QwenFluxModel(tail, connector, transformer), convention
+
+
+def load_training_model(
+    encode: EncodeConfig, *, dataset_root: Path, seed: int, device: torch.device | str = "cpu"
+) -> tuple[QwenFluxModel, LatentConvention]:
+    """The untrained start of a training (on the CPU) and its convention (`device`)."""
+    model = load_modules(encode, seed=seed)
+    return model, latent_convention(encode, dataset_root=dataset_root, device=device)
 
 
 def empty_prompt_pooled(flux_root: Path) -> torch.Tensor:
