@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-RUN_ENV := NO_ALBUMENTATIONS_UPDATE=1 MLFLOW_DISABLE_TELEMETRY=true RAY_AUTH_MODE=disabled \
-	HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=disabled WANDB_SILENT=true
+# The quiet process environment (no telemetry, offline hub, ...) is set by the code itself
+# (pipelines/environment.py); the Makefile only keeps temp files inside the project.
 # The CPU build of torch lies on disk here; on CUDA machines set TORCH_SPEC to the wheel you want.
 TORCH_SPEC ?= torch==2.13.0
 
@@ -21,28 +21,28 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	mkdir -p runs/demo/tmp
-	$(RUN_ENV) TMPDIR=$(CURDIR)/runs/demo/tmp $(VENV)/bin/qwenflux demo --config pipelines/configs/tiny.toml
+	TMPDIR=$(CURDIR)/runs/demo/tmp $(VENV)/bin/qwenflux demo --config pipelines/configs/tiny.toml
 
 test: $(STAMP)
 	mkdir -p .tmp
 	$(VENV)/bin/ruff check pipelines components model tests
-	$(RUN_ENV) TMPDIR=$(CURDIR)/.tmp $(PY) -m pytest -q tests; rc=$$?; \
+	TMPDIR=$(CURDIR)/.tmp $(PY) -m pytest -q tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests selected"; rc=0; fi; exit $$rc
 
 test-fast: $(STAMP)
 	mkdir -p .tmp
-	$(RUN_ENV) TMPDIR=$(CURDIR)/.tmp $(PY) -m pytest -q -m "not slow and not integration" tests; \
+	TMPDIR=$(CURDIR)/.tmp $(PY) -m pytest -q -m "not slow and not integration" tests; \
 	  rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 bench: $(STAMP)
 	mkdir -p .tmp
-	$(RUN_ENV) TMPDIR=$(CURDIR)/.tmp $(PY) tests/benchmarks/bench_data.py
-	$(RUN_ENV) TMPDIR=$(CURDIR)/.tmp $(PY) tests/benchmarks/bench_train.py --block-smoke
+	TMPDIR=$(CURDIR)/.tmp $(PY) tests/benchmarks/bench_data.py
+	TMPDIR=$(CURDIR)/.tmp $(PY) tests/benchmarks/bench_train.py --block-smoke
 
 # Regenerates the training loop's golden per-step losses: only for a change meant to move them.
 golden: $(STAMP)
 	mkdir -p .tmp
-	$(RUN_ENV) TMPDIR=$(CURDIR)/.tmp $(PY) tests/golden_losses.py --write
+	TMPDIR=$(CURDIR)/.tmp $(PY) tests/golden_losses.py --write
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipelines components model tests

@@ -14,7 +14,10 @@
     qwenflux show-config --config PRESET           the resolved config, after overrides
     qwenflux plan [--config a100x8] [--set k=v]    memory, FLOPs and days per stage of a preset
 
-Heavy libraries are imported inside the commands so `qwenflux --help` stays fast.
+Long-running commands (data, train, register, promote, infer, demo) are quiet: the terminal
+shows their progress and summary, everything else goes to <run.root>/logs/<command>.log
+(`--verbose` shows it all). Heavy libraries are imported inside the commands so
+`qwenflux --help` stays fast.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ import sys
 from pathlib import Path
 
 from pipelines.config_loading import ConfigError, to_plain
+from pipelines.console import complain, quiet_run, say
 from pipelines.environment import apply_quiet_environment
+
+QUIET_COMMANDS = ("data", "train", "register", "promote", "infer", "demo")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
         )
         configured[name] = command
     configured["promote"].add_argument("--version", help="version to promote (default: candidate)")
+    for name in QUIET_COMMANDS:
+        configured[name].add_argument(
+            "--verbose", action="store_true", help="show every library and Ray log line"
+        )
     for name in ("infer", "generate"):
         configured[name].add_argument(
             "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a folder"
@@ -102,29 +112,46 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show-config":
             print(json.dumps(to_plain(config), indent=2))
             return 0
-        if args.command == "demo":
-            return _demo(config)
-        if args.command == "train":
-            return _train(config)
-        if args.command == "register":
-            return _register(config)
-        if args.command == "promote":
-            return _promote(config, args.version)
-        if args.command == "infer":
-            return _infer(config, args.model, args.requests, args.out)
-        if args.command == "generate":
-            return _generate(config, args)
-        return _data(config)
+        if args.command in QUIET_COMMANDS:
+            return _quietly(config, args)
+        return _generate(config, args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"qwenflux: error: {error}", file=sys.stderr)
+        complain(f"qwenflux: error: {error}")
         return 2
+
+
+def _quietly(config, args: argparse.Namespace) -> int:
+    """Run a long command with its full log in the run directory (see the module docstring)."""
+    from pipelines.run_layout import RunLayout
+
+    log_file = RunLayout(config).logs / f"{args.command}.log"
+    with quiet_run(log_file, verbose=args.verbose) as logged:
+        try:
+            return _dispatch(config, args)
+        except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
+            complain(f"qwenflux: error: {error}")
+            if logged is not None:
+                complain(f"full log: {logged}")
+            return 2
+
+
+def _dispatch(config, args: argparse.Namespace) -> int:
+    commands = {
+        "demo": lambda: _demo(config),
+        "data": lambda: _data(config),
+        "train": lambda: _train(config),
+        "register": lambda: _register(config),
+        "promote": lambda: _promote(config, args.version),
+        "infer": lambda: _infer(config, args.model, args.requests, args.out),
+    }
+    return commands[args.command]()
 
 
 def _tiny_models(out: Path, seed: int) -> int:
     from components.tiny_models import build_tiny_models
 
-    paths = build_tiny_models(out, seed=seed)
-    print(f"tiny models in {out}: {paths}")
+    build_tiny_models(out, seed=seed)
+    say(f"tiny models: {Path(out).resolve()}")
     return 0
 
 
@@ -139,7 +166,7 @@ def _data(config) -> int:
     from pipelines.data import run_data
 
     summary = run_data(config)
-    print(summary.format())
+    say(summary.format())
     return 0
 
 
@@ -148,8 +175,8 @@ def _train(config) -> int:
     from pipelines.train_tracking import tracking_uri
 
     result = run_training(config)
-    print(f"training finished: {result.checkpoint}")
-    print(f"MLflow: {tracking_uri(config)} (mlflow ui --backend-store-uri {tracking_uri(config)})")
+    say(f"training finished: {result.checkpoint}")
+    say(f"MLflow: {tracking_uri(config)} (mlflow ui --backend-store-uri {tracking_uri(config)})")
     return 0
 
 
@@ -157,7 +184,7 @@ def _register(config) -> int:
     from pipelines.register import run_registration
 
     result = run_registration(config)
-    print(result.format())
+    say(result.format())
     return 0 if result.version is not None else 1
 
 
@@ -165,7 +192,7 @@ def _promote(config, version: str | None) -> int:
     from pipelines.register import run_promotion
 
     decision = run_promotion(config, version=version)
-    print(decision.message)
+    say(decision.message)
     return 0
 
 
@@ -173,7 +200,7 @@ def _infer(config, model: str, requests: Path, out: Path) -> int:
     from pipelines.infer import run_inference
 
     summary = run_inference(config, model=model, requests=requests, out_dir=out)
-    print(summary.format())
+    say(summary.format())
     return 0
 
 
@@ -196,6 +223,10 @@ def _generate(config, args: argparse.Namespace) -> int:
 
 
 def _demo(config) -> int:
+    from pipelines.demo_requests import write_demo_requests
+    from pipelines.register import run_promotion, run_registration
+    from pipelines.run_layout import RunLayout
+
     qwen_dir = Path(config.data.encode.qwen2vl)
     flux_dir = Path(config.data.encode.flux)
     if qwen_dir.parent != flux_dir.parent:
@@ -203,23 +234,21 @@ def _demo(config) -> int:
     _tiny_models(qwen_dir.parent, config.run.seed)
     _data(config)
     _train(config)
-    from pipelines.demo_requests import write_demo_requests
-    from pipelines.register import run_promotion, run_registration
-
     registration = run_registration(config)
-    print(registration.format())
-    root = Path(config.run.root).resolve()
+    say(registration.format())
+    layout = RunLayout(config)
     if registration.version is not None:
-        print(run_promotion(config).message)
-        requests = write_demo_requests(root / "demo-requests", data_root=root / "data")
+        say(run_promotion(config).message)
+        requests = write_demo_requests(layout.demo_requests, data_root=layout.dataset_root)
         model = f"models:/{config.registry.model_name}@champion"
-        _infer(config, model, requests, root / "inference")
-    print(f"\nrun directory: {root}")
-    print(f"shards:        {root / 'data' / 'shards'}")
-    print(f"checkpoints:   {root / 'train'}")
-    print(f"images:        {root / 'inference' / 'images'}")
-    print(f"results:       {root / 'inference' / 'results.parquet'}")
-    print(f"MLflow UI:     mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}")
+        _infer(config, model, requests, layout.inference)
+    say(f"\nrun directory: {layout.root}")
+    say(f"shards:        {layout.dataset_root / 'shards'}")
+    say(f"checkpoints:   {layout.train_storage}")
+    say(f"images:        {layout.inference / 'images'}")
+    say(f"results:       {layout.inference / 'results.parquet'}")
+    say(f"MLflow UI:     mlflow ui --backend-store-uri {layout.tracking_uri}")
+    say(f"full logs:     {layout.logs}")
     return 0 if registration.version is not None else 1
 
 

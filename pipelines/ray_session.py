@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipelines.environment import QUIET_ENV, apply_quiet_environment
+
 # Ray puts unix sockets at <temp>/session_<date>_<pid>/sockets/plasma_store (~62 more bytes) and
 # the kernel caps such paths at 107 bytes: deep run folders get a short temp root instead.
 _MAX_TEMP_DIR_CHARS = 44
@@ -41,17 +43,21 @@ def ray_session(run, *, temp_root: Path) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    apply_quiet_environment()
+    # Workers on a cluster do not inherit the driver's environment: hand them the same one.
+    env_vars = {key: os.environ[key] for key in QUIET_ENV}
     if run.ray_address:
-        ray.init(address=run.ray_address, log_to_driver=True)
+        ray.init(address=run.ray_address, log_to_driver=True, runtime_env={"env_vars": env_vars})
     else:
         ray.init(
             num_cpus=run.local_num_cpus,
             include_dashboard=False,
             _temp_dir=local_temp_dir(temp_root),
             log_to_driver=True,
-            runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_local_worker"},
+            runtime_env={
+                "env_vars": env_vars,
+                "worker_process_setup_hook": f"{__name__}.quiet_local_worker",
+            },
         )
     try:
         yield

@@ -2,13 +2,15 @@
 
 from pathlib import Path
 
-import pytest
-import torch
-
-from components.tiny_models import TinyModelPaths, build_tiny_models
 from pipelines.environment import apply_quiet_environment
 
+# Before anything imports huggingface_hub, which reads HF_HUB_OFFLINE once, at import.
 apply_quiet_environment()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from components.tiny_models import TinyModelPaths, build_tiny_models  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
