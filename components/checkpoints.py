@@ -3,20 +3,28 @@
 Input: a name (path or `owner/repo`), an optional revision, the file that marks the root and the
 weight stems that must be complete. Output: a ResolvedCheckpoint (folder + a revision id that
 identifies its exact content), or CheckpointNotFoundError naming what is missing. Nothing is
-downloaded: a hub id must already be in the local cache.
+downloaded: a hub id must already be in the local cache. `FileHashCache` / `hash_file` give the
+sha256 of checkpoint files (what a model package records of its frozen bases).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import try_to_load_from_cache
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HASH_CACHE_FILE = "base_file_hashes.json"
+_HASH_CHUNK_BYTES = 8 << 20
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -80,3 +88,61 @@ def _check_present(root: Path, relative: str, *, name: str) -> None:
     missing = sorted(s for s in shard_names if not (index.parent / s).is_file())
     if missing:
         raise CheckpointNotFoundError(f"checkpoint {name}: {index} lists missing shards {missing}")
+
+
+class FileHashCache:
+    """sha256 of files, remembered by (absolute path, size, mtime_ns) in a small JSON file.
+
+    See load_package for what it trusts. Writes are atomic (temp file + os.replace) and merge
+    with what is on disk; a folder that cannot be written just leaves the cache unsaved.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / HASH_CACHE_FILE
+        self._entries = self._read()
+        self._added: dict[str, dict] = {}
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            entries = json.loads(self.path.read_text()).get("entries", {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    def sha256(self, path: Path) -> str:
+        key = str(Path(path).absolute())
+        stat = os.stat(path)
+        entry = self._added.get(key) or self._entries.get(key)
+        if (
+            entry
+            and entry.get("size") == stat.st_size
+            and entry.get("mtime_ns") == stat.st_mtime_ns
+        ):
+            return entry["sha256"]
+        entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": hash_file(path)}
+        self._added[key] = entry
+        return entry["sha256"]
+
+    def save(self) -> None:
+        if not self._added:
+            return
+        entries = self._read() | self._added
+        temp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temp.write_text(json.dumps({"format": 1, "entries": entries}, sort_keys=True))
+            os.replace(temp, self.path)
+        except OSError as error:
+            temp.unlink(missing_ok=True)
+            logger.warning("could not save the file hash cache %s: %s", self.path, error)
+            return
+        self._entries, self._added = entries, {}
+
+
+def hash_file(path: Path) -> str:
+    """sha256 hex digest of a file, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -17,9 +17,9 @@ from components.data.filters import FilterConfig
 from components.data.url_policy import UrlPolicyConfig
 from components.evaluation.conditioning_check import ConditioningCheckConfig
 from components.inference.request_rows import RequestDefaults
-from components.training.loop import StageConfig
 from components.training.objective import ObjectiveConfig
 from components.training.optimizer import GuardConfig, OptimizerConfig
+from components.training.stages import StageConfig
 from pipelines.config_loading import ConfigError, apply_override, build, load_toml
 
 CONFIG_DIR = Path(__file__).parent / "configs"

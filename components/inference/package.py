@@ -14,9 +14,7 @@ load_package resolves the bases, verifies those hashes and returns GeneratorPart
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import logging
 import os
 import shutil
 import uuid
@@ -27,8 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from components.checkpoints import CheckpointNotFoundError, ResolvedCheckpoint, resolve_checkpoint
+from components.checkpoints import (
+    CheckpointNotFoundError,
+    FileHashCache,
+    ResolvedCheckpoint,
+    resolve_checkpoint,
+)
 from components.inference.generator import GeneratorParts, GeneratorSettings
+from components.training.checkpoint_state import STATE_FILE, WEIGHTS_FILE
 from components.training.encoder_tail import load_qwen2vl_tail
 from model.conditioning import Connector
 from model.qwen2vl_tail import Qwen2VLTail
@@ -38,9 +42,6 @@ PACKAGE_FILE = "package.json"
 TRANSFORMER_DIR = "transformer"
 TAIL_FILE = "encoder_tail.safetensors"
 CONNECTOR_FILE = "connector.safetensors"
-CHECKPOINT_WEIGHTS = "weights.safetensors"
-CHECKPOINT_STATE = "state.json"
-HASH_CACHE_FILE = "base_file_hashes.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QWEN2VL_AUX_FILES = (
     "config.json",
@@ -66,9 +67,6 @@ _FLUX_REQUIRED = (
     "text_encoder/model",
     "tokenizer/",
 )
-_HASH_CHUNK_BYTES = 8 << 20
-
-logger = logging.getLogger(__name__)
 
 
 class PackageError(ValueError):
@@ -104,7 +102,7 @@ def export_package(
         raise FileExistsError(f"package folder {out_dir} already exists")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    weights_file = Path(checkpoint_dir) / CHECKPOINT_WEIGHTS
+    weights_file = Path(checkpoint_dir) / WEIGHTS_FILE
     if not weights_file.is_file():
         raise CheckpointNotFoundError(f"training checkpoint {checkpoint_dir} lacks {weights_file}")
     qwen_base = _resolve_base("qwen2vl", qwen2vl, qwen2vl_revision)
@@ -219,64 +217,6 @@ def read_manifest(package_dir: Path) -> dict:
     return manifest
 
 
-class FileHashCache:
-    """sha256 of files, remembered by (absolute path, size, mtime_ns) in a small JSON file.
-
-    See load_package for what it trusts. Writes are atomic (temp file + os.replace) and merge
-    with what is on disk; a folder that cannot be written just leaves the cache unsaved.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.path = Path(folder) / HASH_CACHE_FILE
-        self._entries = self._read()
-        self._added: dict[str, dict] = {}
-
-    def _read(self) -> dict[str, dict]:
-        try:
-            entries = json.loads(self.path.read_text()).get("entries", {})
-        except (OSError, ValueError, AttributeError):
-            return {}
-        return entries if isinstance(entries, dict) else {}
-
-    def sha256(self, path: Path) -> str:
-        key = str(Path(path).absolute())
-        stat = os.stat(path)
-        entry = self._added.get(key) or self._entries.get(key)
-        if (
-            entry
-            and entry.get("size") == stat.st_size
-            and entry.get("mtime_ns") == stat.st_mtime_ns
-        ):
-            return entry["sha256"]
-        entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": hash_file(path)}
-        self._added[key] = entry
-        return entry["sha256"]
-
-    def save(self) -> None:
-        if not self._added:
-            return
-        entries = self._read() | self._added
-        temp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            temp.write_text(json.dumps({"format": 1, "entries": entries}, sort_keys=True))
-            os.replace(temp, self.path)
-        except OSError as error:
-            temp.unlink(missing_ok=True)
-            logger.warning("could not save the file hash cache %s: %s", self.path, error)
-            return
-        self._entries, self._added = entries, {}
-
-
-def hash_file(path: Path) -> str:
-    """sha256 hex digest of a file, read in 8 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _resolve_base(kind: str, name: str, revision: str | None) -> ResolvedCheckpoint:
     if kind == "qwen2vl":
         return resolve_checkpoint(
@@ -385,7 +325,7 @@ def _apply_checkpoint(weights_file: Path, modules: dict[str, nn.Module]) -> None
 
 def _checkpoint_summary(checkpoint_dir: Path) -> dict:
     summary: dict = {"path": str(checkpoint_dir.absolute())}
-    state_file = checkpoint_dir / CHECKPOINT_STATE
+    state_file = checkpoint_dir / STATE_FILE
     if state_file.is_file():
         state = json.loads(state_file.read_text())
         for key in ("format", "stage_index", "next_step"):

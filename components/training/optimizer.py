@@ -13,15 +13,13 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from components.training.stages import StageConfig
 from model.lr_schedule import trapezoid_factor
-
-if TYPE_CHECKING:
-    from components.training.loop import StageConfig
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -10,6 +10,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import save_file
 
+from components import checkpoints
 from components.checkpoints import CheckpointNotFoundError
 from components.inference import package as package_module
 from components.inference.generator import GeneratorSettings
@@ -34,7 +35,7 @@ SETTINGS = GeneratorSettings(
     guidance=3.5,
 )
 LINEAGE = {"training_run_id": "run-1", "git_sha": "abc123"}
-_real_hash = package_module.hash_file
+_real_hash = checkpoints.hash_file
 TRAINED_PREFIXES = (
     "transformer.transformer_blocks.0.",
     "transformer.single_transformer_blocks.1.",
@@ -193,7 +194,7 @@ def test_changed_base_file_is_a_hash_mismatch_naming_it(own_package, monkeypatch
     load_package(package)  # warms the hash cache
     hashed = []
     monkeypatch.setattr(
-        package_module, "hash_file", lambda path: hashed.append(path) or _real_hash(path)
+        checkpoints, "hash_file", lambda path: hashed.append(path) or _real_hash(path)
     )
     load_package(package)
     assert hashed == [], "unchanged bases were re-hashed despite the cache"
