@@ -1,6 +1,9 @@
 """The data workflow: url list -> policy -> img2dataset (Ray tasks) -> filters -> buckets ->
 dedup -> encoder actor pool (Ray Data) -> Parquet shards + manifest.
 
+Each image is decoded and fitted to its bucket once, in the chunk task; the encoder actors read
+the fitted pixels from the chunk's fitted files (pipelines/data_layout.py).
+
 Unit of resume: a chunk of source rows for download/filter/bucket (one outcome file per chunk)
 and a (chunk, bucket) group for encoding (one shard file per group). A rerun of the same config
 skips every piece whose file exists, so a killed run finishes with exactly the keys of an
@@ -21,14 +24,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.data import shard_format
-from components.data.buckets import build_buckets, fit_to_bucket
-from components.data.filters import find_duplicates, normalise_image
+from components.data.buckets import build_buckets
+from components.data.filters import find_duplicates
 from pipelines.config import DataConfig, PipelineConfig
 from pipelines.config_loading import config_hash
 from pipelines.data_chunks import ChunkConfigs, process_chunk
 from pipelines.data_layout import (
-    OUTCOME_SCHEMA,
     DataLayout,
+    read_fitted_slices,
+    read_outcomes,
     read_url_list,
     table_sha256,
     write_table_atomic,
@@ -147,7 +151,8 @@ def _process_chunks(
     show_progress: bool,
 ) -> None:
     import ray
-    from tqdm import tqdm
+
+    from pipelines.console import progress as progress_bar
 
     task = ray.remote(num_cpus=config.resources.cpus_per_chunk_task, max_retries=2)(process_chunk)
     configs = ChunkConfigs(config.url_policy, config.download, config.filters, config.buckets)
@@ -156,19 +161,13 @@ def _process_chunks(
         for index, rows in enumerate(chunks)
         if not layout.chunk_outcome(index).exists()
     ]
-    with tqdm(
+    with progress_bar(
         total=len(pending), desc="download+filter", unit="chunk", disable=not show_progress
     ) as progress:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             ray.get(done)
             progress.update(len(done))
-
-
-def read_outcomes(layout: DataLayout, num_chunks: int) -> pa.Table:
-    """All chunk outcome files as one table, in key order."""
-    tables = [pq.read_table(layout.chunk_outcome(index)) for index in range(num_chunks)]
-    return pa.concat_tables(tables) if tables else OUTCOME_SCHEMA.empty_table()
 
 
 def _mark_duplicates(layout: DataLayout, num_chunks: int, config: DataConfig) -> dict[str, tuple]:
@@ -198,7 +197,8 @@ def _encode_groups(
 ) -> None:
     """Encode every (chunk, bucket) group that has no shard yet on the encoder actor pool."""
     import ray
-    from tqdm import tqdm
+
+    from pipelines.console import progress as progress_bar
 
     groups = _pending_groups(layout, duplicates)
     if not groups:
@@ -217,7 +217,9 @@ def _encode_groups(
     )
     expected = sum(len(group["keys"]) for group in groups)
     written = 0
-    with tqdm(total=expected, desc="encode", unit="sample", disable=not show_progress) as progress:
+    with progress_bar(
+        total=expected, desc="encode", unit="sample", disable=not show_progress
+    ) as progress:
         for result in results.iter_rows():
             written += int(result["num_rows"])
             progress.update(int(result["num_rows"]))
@@ -283,7 +285,6 @@ class GroupEncoder:
         layout = DataLayout(root)
         write_encoder_description(layout, self._encoder.describe())
         bucket = self._buckets[bucket_id]
-        rows = _downloaded_rows(layout, index, set(keys))
         outcomes = {
             row["sample_key"]: row for row in pq.read_table(layout.chunk_outcome(index)).to_pylist()
         }
@@ -292,20 +293,18 @@ class GroupEncoder:
             max_row_group_bytes=self._config.shards.max_row_group_bytes,
             compression=self._config.shards.compression,
         )
+        slices = read_fitted_slices(
+            layout.fitted_images(index, bucket_id), keys, bucket, slice_rows=ENCODE_SLICE_ROWS
+        )
         try:
-            for start in range(0, len(keys), ENCODE_SLICE_ROWS):
-                slice_keys = keys[start : start + ENCODE_SLICE_ROWS]
-                writer.write_rows(self._encode_slice(slice_keys, rows, outcomes, bucket))
+            for slice_keys, images in slices:
+                writer.write_rows(self._encode_slice(slice_keys, images, outcomes, bucket))
             return writer.close()
         except BaseException:
             writer.abort()
             raise
 
-    def _encode_slice(self, keys, rows, outcomes, bucket) -> list[dict[str, Any]]:
-        max_pixels = self._config.filters.max_pixels
-        images = [
-            fit_to_bucket(normalise_image(rows[key], max_pixels=max_pixels), bucket) for key in keys
-        ]
+    def _encode_slice(self, keys, images, outcomes, bucket) -> list[dict[str, Any]]:
         captions = [outcomes[key]["caption"] for key in keys]
         encoded = self._encoder.encode(images, captions)
         return [
@@ -323,19 +322,3 @@ class GroupEncoder:
             | tensors
             for key, tensors in zip(keys, encoded, strict=True)
         ]
-
-
-def _downloaded_rows(layout: DataLayout, index: int, keys: set[str]) -> dict[str, bytes]:
-    """Original image bytes of `keys` from the chunk's img2dataset output."""
-    found: dict[str, bytes] = {}
-    for path in sorted(layout.chunk_dir(index).glob("*.parquet")):
-        table = pq.read_table(path, columns=["key", "image"])
-        for row in table.to_pylist():
-            if row["key"] in keys and row["image"] is not None:
-                found[row["key"]] = row["image"]
-    missing = keys - set(found)
-    if missing:
-        raise FileNotFoundError(
-            f"{layout.chunk_dir(index)}: downloaded bytes missing for {sorted(missing)[:5]}"
-        )
-    return found

@@ -2,8 +2,9 @@
 chunk of source rows, run as a Ray task.
 
 Kept light on purpose: a chunk task imports only what it uses (no torch model code), because
-every fresh Ray worker pays for its imports. `process_chunk` writes one outcome row per source
-row of its chunk ("kept" or the reason), atomically.
+every fresh Ray worker pays for its imports. `process_chunk` writes each kept image, decoded and
+fitted to its bucket, to the chunk's fitted files (what the encoder reads), then one outcome row
+per source row of its chunk ("kept" or the reason), atomically.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from components.data.buckets import BucketConfig
 from components.data.download import DownloadConfig, download_chunk
 from components.data.filters import FilterConfig, Rejection, filter_sample
 from components.data.url_policy import UrlPolicyConfig, check_url
-from pipelines.data_layout import OUTCOME_SCHEMA, SCORE_COLUMNS, DataLayout, write_table_atomic
+from pipelines.data_layout import (
+    OUTCOME_SCHEMA,
+    SCORE_COLUMNS,
+    DataLayout,
+    FittedImageWriter,
+    write_table_atomic,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +45,8 @@ class ChunkConfigs:
 def process_chunk(
     index: int, rows: list[dict[str, Any]], *, layout_root: str, config: ChunkConfigs, base_url: str
 ) -> int:
-    """Policy + download + filter + bucket one chunk; writes its outcome file atomically."""
+    """Policy + download + filter + bucket one chunk; writes its fitted images, then its outcome
+    file, each atomically."""
     layout = DataLayout(Path(layout_root))
     outcomes, to_download = [], []
     for row in rows:
@@ -48,12 +56,15 @@ def process_chunk(
             outcomes.append(_outcome(row, stage="policy", reason=refusal))
         else:
             to_download.append({**row, "url": url})
-    if to_download:
-        downloads = _download(index, to_download, layout=layout, config=config)
-        _check_source_alive(downloads, base_url)
-        by_key = {row["sample_key"]: row for row in rows}
-        for downloaded in downloads:
-            outcomes.append(_filter_row(by_key[downloaded["key"]], downloaded, config))
+    with FittedImageWriter(layout, index) as fitted:
+        if to_download:
+            downloads = _download(index, to_download, layout=layout, config=config)
+            _check_source_alive(downloads, base_url)
+            by_key = {row["sample_key"]: row for row in rows}
+            # Key order: the fitted files must list their images in sample_key order.
+            for downloaded in sorted(downloads, key=lambda downloaded: downloaded["key"]):
+                row = by_key[downloaded["key"]]
+                outcomes.append(_filter_row(row, downloaded, config, fitted))
     outcomes.sort(key=lambda outcome: outcome["sample_key"])
     write_table_atomic(
         pa.Table.from_pylist(outcomes, schema=OUTCOME_SCHEMA), layout.chunk_outcome(index)
@@ -113,7 +124,9 @@ def _download(
     return pq.read_table(result.path).to_pylist()
 
 
-def _filter_row(row: dict[str, Any], downloaded: dict[str, Any], config: ChunkConfigs) -> dict:
+def _filter_row(
+    row: dict[str, Any], downloaded: dict[str, Any], config: ChunkConfigs, fitted: FittedImageWriter
+) -> dict:
     if downloaded["status"] != "success" or downloaded.get("image") is None:
         detail = downloaded.get("error_message") or ""
         return _outcome(row, stage="download", reason=downloaded["status"], detail=detail)
@@ -127,6 +140,7 @@ def _filter_row(row: dict[str, Any], downloaded: dict[str, Any], config: ChunkCo
     )
     if isinstance(result, Rejection):
         return _outcome(row, stage="filter", reason=result.reason, detail=result.detail)
+    fitted.add(row["sample_key"], result.bucket, result.fitted)
     return _outcome(row, stage="filter", reason="kept") | {
         "bucket_id": result.bucket.bucket_id,
         "source_width_px": result.width_px,

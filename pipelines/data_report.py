@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from components.data import shard_format
 from components.data.buckets import build_buckets
 from pipelines.config_loading import config_hash
-from pipelines.data_layout import DataLayout, table_sha256
+from pipelines.data_layout import DataLayout, read_outcomes, table_sha256
 
 ENCODERS_FILE = "encoders.json"
 
@@ -71,8 +71,6 @@ def build_manifest(
     layout: DataLayout, *, config, source: pa.Table, num_chunks: int, duplicates: dict
 ) -> DataSummary:
     """Check the run's invariants, write the manifest and return the summary."""
-    from pipelines.data import read_outcomes
-
     outcomes = read_outcomes(layout, num_chunks)
     if outcomes.num_rows != source.num_rows:
         raise RuntimeError(

@@ -7,17 +7,20 @@ the requests, drops ids already finished in DIR (a rerun generates only what is 
 failed), and streams the rest through a Ray Data actor pool: every actor loads the model once
 (`InferenceWorker`) and turns request rows into images and result rows. The driver writes the
 result rows as Parquet parts while they arrive (atomic; a killed run keeps what it finished) and
-at the end one `results.parquet` with the latest row per id. A bad request becomes a row with
-status "error", the field and the message; the rest of the batch goes on.
+at the end one `results.parquet` with the latest row per id. A bad request (components/inference/
+request_rows.py: the parser, limits and checks the pyfunc model uses too) becomes a row with
+status "error", the field and the message; the rest of the batch goes on. A row repeating an
+earlier row's id is rejected (field "id") and kept as its own row, next to the id's result.
 
-`qwenflux generate` runs one request through the same `InferenceWorker` in-process.
+`qwenflux generate` runs one request through the same `InferenceWorker` in-process; the files
+it names are its user's, so its local paths are not confined to a requests folder.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import pickle
 import re
 import time
 import uuid
@@ -27,33 +30,35 @@ from pathlib import Path
 from typing import Any
 
 from components.inference.request_rows import (
+    GENERATION_FIELD,
     RequestDefaults,
     RequestError,
-    parse_request,
+    empty_result,
+    generate_row,
+    png_bytes,
     read_request_rows,
     request_id,
 )
+from components.inference.request_rows import RESULT_COLUMNS as REQUEST_RESULT_COLUMNS
 
 RESULTS_FILE = "results.parquet"
 PARTS_DIR = "results-parts"
 IMAGES_DIR = "images"
 RESULT_COLUMNS = (
-    "id",
-    "status",
-    "error_field",
-    "error",
-    "mode",
+    *REQUEST_RESULT_COLUMNS,
+    "request_row",
     "model_name",
     "model_version",
-    "seed",
-    "steps",
-    "width",
-    "height",
     "image_path",
     "generate_seconds",
     "total_seconds",
     "finished_at",
 )
+"""request_rows.RESULT_COLUMNS, then: request_row (0-based position in the requests file; None
+for `qwenflux generate`), the model, the image (relative to the output folder; "" unless ok)
+and timings."""
+DUPLICATE_FIELD = "id"
+"""error_field of a row whose id an earlier row of the requests file already has."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -109,6 +114,7 @@ class InferenceWorker:
         defaults: dict[str, Any],
         controlnet: str = "",
         depth_detector: str = "",
+        trust_local_paths: bool = False,
     ) -> None:
         from dataclasses import replace
 
@@ -132,42 +138,39 @@ class InferenceWorker:
         self.out_dir = Path(out_dir)
         self.base_dir = Path(base_dir)
         self.defaults = build(RequestDefaults, defaults)
+        self.trust_local_paths = trust_local_paths
         (self.out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        """Ray Data batch: column "row" holds each request as JSON text."""
-        results = [self.run_one(json.loads(text)) for text in batch["row"]]
-        return {column: [result[column] for result in results] for column in RESULT_COLUMNS}
+        """Ray Data batch: "row" holds each request row pickled, "request_row" its position; the
+        result rows come back pickled in "result". Pickled, not Arrow columns: rows mix types
+        (image bytes or paths) and a seed may exceed int64."""
+        results = [
+            self.run_one(pickle.loads(row), request_row=int(position))
+            for row, position in zip(batch["row"], batch["request_row"], strict=True)
+        ]
+        return {"result": [pickle.dumps(result) for result in results]}
 
-    def run_one(self, row: dict[str, Any]) -> dict[str, Any]:
+    def run_one(self, row: dict[str, Any], *, request_row: int | None = None) -> dict[str, Any]:
+        """One request row (its id set) -> its RESULT_COLUMNS row; the PNG is written first."""
         started = time.perf_counter()
-        identifier = row["id"]
-        result = _empty_result(identifier, self.name, self.version)
-        try:
-            request = parse_request(row, base_dir=self.base_dir, defaults=self.defaults)
-            result.update(
-                mode=request.mode,
-                seed=request.seed,
-                steps=request.steps,
-                width=request.width,
-                height=request.height,
-            )
+        outcome = generate_row(
+            self.generator,
+            row,
+            base_dir=self.base_dir,
+            defaults=self.defaults,
+            trust_local_paths=self.trust_local_paths,
+        )
+        result = _empty_result(row["id"], self.name, self.version) | outcome.result
+        result.update(request_row=request_row, generate_seconds=outcome.generate_seconds)
+        if outcome.image is not None:
+            path = self.out_dir / IMAGES_DIR / image_file_name(result["id"])
             try:
-                self.generator.check_supported(request)
-            except ValueError as error:
-                raise RequestError("control", str(error).removeprefix("control: ")) from None
-            generate_started = time.perf_counter()
-            image = self.generator.generate(request)
-            result["generate_seconds"] = time.perf_counter() - generate_started
-            path = self.out_dir / IMAGES_DIR / image_file_name(identifier)
-            _save_png_atomic(image, path)
-            result.update(status="ok", image_path=str(path.relative_to(self.out_dir)))
-        except RequestError as error:
-            result.update(status="error", error_field=error.field, error=str(error))
-        except Exception as error:  # a model failure on one request must not end the batch
-            result.update(
-                status="error", error_field="generation", error=f"{type(error).__name__}: {error}"
-            )
+                _write_atomic(png_bytes(outcome.image), path)
+                result["image_path"] = str(path.relative_to(self.out_dir))
+            except Exception as error:  # a full disk on one image must not end the batch
+                failure = RequestError(GENERATION_FIELD, f"{type(error).__name__}: {error}")
+                result.update(status="error", error_field=failure.field, error=str(failure))
         result["total_seconds"] = time.perf_counter() - started
         result["finished_at"] = time.time()
         return result
@@ -192,20 +195,16 @@ def run_inference(
     model_ref = resolve_model(config, model, cache_dir=out_dir / ".models")
     rows = read_request_rows(requests)
     done = finished_ids(out_dir)
-    todo, duplicates, seen = [], [], set()
+    todo, duplicates, first_rows = [], [], {}
     for position, row in enumerate(rows):
         identifier = request_id(row, position)
-        if identifier in seen:
-            duplicates.append(identifier)
+        if identifier in first_rows:
+            duplicates.append(_duplicate_result(identifier, position, first_rows, model_ref))
             continue
-        seen.add(identifier)
+        first_rows[identifier] = position
         if identifier not in done:
-            todo.append({**row, "id": identifier})
-    results: list[dict[str, Any]] = []
-    for identifier in duplicates:
-        result = _empty_result(identifier, model_ref.name, model_ref.version)
-        result.update(status="error", error_field="id", error=f"id: duplicate id {identifier!r}")
-        results.append(result)
+            todo.append((position, {**row, "id": identifier}))
+    results: list[dict[str, Any]] = list(duplicates)
     _write_part(out_dir, results)
     infer = config.infer
     worker_kwargs = _worker_kwargs(config, model_ref, out_dir=out_dir, base_dir=requests.parent)
@@ -213,7 +212,7 @@ def run_inference(
     if todo:
         with ray_session(config.run, temp_root=out_dir):
             dataset = ray.data.from_items(
-                [{"row": json.dumps(row, default=str)} for row in todo],
+                [{"row": pickle.dumps(row), "request_row": position} for position, row in todo],
                 override_num_blocks=max(1, min(len(todo), infer.num_actors * 4)),
             )
             mapped = dataset.map_batches(
@@ -224,8 +223,8 @@ def run_inference(
                 num_cpus=infer.cpus_per_actor,
                 num_gpus=infer.gpus_per_actor,
             )
-            for batch in mapped.iter_batches(batch_size=None, batch_format="pandas"):
-                part = batch.to_dict(orient="records")
+            for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
+                part = [pickle.loads(result) for result in batch["result"]]
                 _write_part(out_dir, part)
                 results.extend(part)
                 progress.update(len(part))
@@ -249,7 +248,8 @@ def generate_one(config, *, model: str, row: dict[str, Any], out_dir: Path) -> d
     """One request through the same worker code, in this process; returns its result row."""
     out_dir = Path(out_dir).resolve()
     model_ref = resolve_model(config, model, cache_dir=out_dir / ".models")
-    worker = InferenceWorker(**_worker_kwargs(config, model_ref, out_dir=out_dir, base_dir=Path()))
+    kwargs = _worker_kwargs(config, model_ref, out_dir=out_dir, base_dir=Path())
+    worker = InferenceWorker(**kwargs, trust_local_paths=True)
     result = worker.run_one({**row, "id": request_id(row, 0)})
     _write_part(out_dir, [result])
     write_results_table(out_dir)
@@ -277,21 +277,21 @@ def resolve_model(config, model: str, *, cache_dir: Path) -> ModelRef:
 
 def finished_ids(out_dir: Path) -> set[str]:
     """Ids whose latest result is "ok" and whose image is on disk."""
-    latest = _latest_results(out_dir)
     return {
-        identifier
-        for identifier, row in latest.items()
+        row["id"]
+        for row in _latest_results(out_dir).values()
         if row["status"] == "ok" and (out_dir / str(row["image_path"])).is_file()
     }
 
 
 def write_results_table(out_dir: Path) -> Path:
-    """`results.parquet`: the latest result per id over all parts (atomic)."""
+    """`results.parquet`: the latest result per id over all parts, and each rejected duplicate
+    row (atomic)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    latest = _latest_results(out_dir)
-    table = pa.Table.from_pylist([latest[key] for key in sorted(latest)], schema=_schema())
+    rows = list(_latest_results(out_dir).values())
+    table = pa.Table.from_pylist(rows, schema=_schema())
     path = out_dir / RESULTS_FILE
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     pq.write_table(table, temporary)
@@ -327,9 +327,19 @@ def _worker_kwargs(config, model: ModelRef, *, out_dir: Path, base_dir: Path) ->
 
 
 def _empty_result(identifier: str, name: str, version: str) -> dict[str, Any]:
-    result = dict.fromkeys(RESULT_COLUMNS)
-    result.update(id=identifier, model_name=name, model_version=version, status="error")
-    result.update(error_field="", error="", image_path="", mode="")
+    result = dict.fromkeys(RESULT_COLUMNS) | empty_result(identifier)
+    result.update(model_name=name, model_version=version, image_path="")
+    return result
+
+
+def _duplicate_result(
+    identifier: str, position: int, first_rows: dict[str, int], model: ModelRef
+) -> dict[str, Any]:
+    reason = f"duplicate id {identifier!r} (first at row {first_rows[identifier]})"
+    result = _empty_result(identifier, model.name, model.version)
+    error = RequestError(DUPLICATE_FIELD, reason)
+    result.update(request_row=position, error_field=error.field, error=str(error))
+    result.update(finished_at=time.time())
     return result
 
 
@@ -337,7 +347,8 @@ def _schema():
     import pyarrow as pa
 
     types = {
-        "seed": pa.int64(),
+        "seed": pa.uint64(),
+        "request_row": pa.int64(),
         "steps": pa.int64(),
         "width": pa.int64(),
         "height": pa.int64(),
@@ -375,29 +386,40 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _latest_results(out_dir: Path) -> dict[str, dict[str, Any]]:
+def _latest_results(out_dir: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """The latest result row per _result_key over all parts, keys sorted."""
     import pyarrow.parquet as pq
 
     folder = Path(out_dir) / PARTS_DIR
-    latest: dict[str, dict[str, Any]] = {}
+    latest: dict[tuple[str, int], dict[str, Any]] = {}
     if not folder.is_dir():
         return latest
     for part in sorted(folder.glob("part-*.parquet")):
         for row in pq.read_table(part).to_pylist():
-            previous = latest.get(row["id"])
-            # An ok result is final: a later failed duplicate of the same id does not undo it.
+            key = _result_key(row)
+            previous = latest.get(key)
+            # An ok result is final: a later failed run of the same id does not undo it.
             if previous is None or previous["status"] != "ok":
-                latest[row["id"]] = row
-    return latest
+                latest[key] = row
+    return dict(sorted(latest.items()))
 
 
-def _save_png_atomic(image, path: Path) -> None:
+def _result_key(row: dict[str, Any]) -> tuple[str, int]:
+    """(id, -1) for an id's own result; (id, request_row) for a rejected duplicate row, so it
+    neither replaces nor hides the result of the row that holds the id."""
+    position = row.get("request_row")
+    if row["error_field"] == DUPLICATE_FIELD and position is not None:
+        return row["id"], position
+    return row["id"], -1
+
+
+def _write_atomic(data: bytes, path: Path) -> None:
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    image.save(temporary, format="PNG")
+    temporary.write_bytes(data)
     os.replace(temporary, path)
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
+    from pipelines.console import progress
 
-    return tqdm(total=total, desc="infer", unit="img", disable=not enabled)
+    return progress(total=total, desc="infer", unit="img", disable=not enabled)

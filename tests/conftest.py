@@ -8,7 +8,6 @@ from pipelines.environment import apply_quiet_environment
 apply_quiet_environment()
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from components.tiny_models import TinyModelPaths, build_tiny_models  # noqa: E402
 
@@ -130,26 +129,26 @@ def tiny_trained_run(tmp_path_factory, tiny_models_dir, tiny_data_run, ray_local
 
 def untrained_generator_parts(models: TinyModelPaths, **extra):
     """GeneratorParts of the untrained tiny model straight from the tiny bases (base FLUX and
-    tail, connector seeded 0), settings from the tiny preset; `extra` adds e.g. a ControlNet."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    tail, connector seeded 0: components/training/model_loading.py::load_modules), settings from
+    the tiny preset; `extra` adds e.g. a ControlNet."""
+    from dataclasses import replace
+
+    from diffusers import AutoencoderKL
 
     from components.inference.generator import GeneratorParts, GeneratorSettings
-    from components.training.encoder_tail import load_qwen2vl_tail
-    from model.conditioning import Connector
+    from components.training.model_loading import load_modules
     from pipelines.config import load_config
 
     encode = load_config("tiny", []).data.encode
-    transformer = FluxTransformer2DModel.from_pretrained(models.flux, subfolder="transformer")
-    tail = load_qwen2vl_tail(str(models.qwen2vl))
-    torch.manual_seed(0)
-    connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
+    bases = replace(encode, qwen2vl=str(models.qwen2vl), flux=str(models.flux))
+    modules = load_modules(bases, seed=0)
     vae_config = AutoencoderKL.load_config(models.flux, subfolder="vae")
     return GeneratorParts(
         qwen2vl_path=models.qwen2vl,
         flux_path=models.flux,
-        transformer=transformer,
-        tail=tail,
-        connector=connector,
+        transformer=modules.transformer,
+        tail=modules.tail,
+        connector=modules.connector,
         settings=GeneratorSettings(
             instruction=encode.instruction,
             image_tokens=encode.image_tokens,

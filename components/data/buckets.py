@@ -3,7 +3,9 @@
 Sits after the filters in the data pipeline (download -> filter -> bucket -> encode). Input: an
 RGB image (or just its width and height); output: the nearest `Bucket` by log aspect ratio and
 the image covered-resized and centre-cropped to exactly that bucket's size. The report's ratios
-(16:9, 2:1, 2.35:1, 1:1, 1:2, longest side at most 1024) are the defaults.
+(16:9, 2:1, 2.35:1, 1:1, 1:2, longest side at most 1024) are the defaults. A fitted image travels
+from the filter step to the encoder as its raw RGB bytes (`pack_fitted_image`,
+`unpack_fitted_image`), so it is decoded and fitted once.
 
 Geometry used throughout: for an image of aspect a and a bucket of aspect b, d = |ln a - ln b|,
 and a cover resize + centre crop keeps the fraction exp(-d) of the image area, so the
@@ -187,3 +189,27 @@ def fit_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
     left = (cover_width - bucket.width_px) // 2
     top = (cover_height - bucket.height_px) // 2
     return image.crop((left, top, left + bucket.width_px, top + bucket.height_px))
+
+
+def pack_fitted_image(image: Image.Image, bucket: Bucket) -> bytes:
+    """The fitted image's pixels as raw RGB bytes: row-major, 3 uint8 per pixel, no header.
+
+    Lossless, so `unpack_fitted_image` gives back exactly these pixels. ValueError if the image
+    is not RGB at exactly the bucket's size (the shape is the bucket's; it is not stored).
+    """
+    if image.mode != "RGB" or image.size != (bucket.width_px, bucket.height_px):
+        raise ValueError(
+            f"expected an RGB {bucket.bucket_id} image, got {image.mode} "
+            f"{image.width}x{image.height}"
+        )
+    return image.tobytes()
+
+
+def unpack_fitted_image(data: bytes | memoryview, bucket: Bucket) -> Image.Image:
+    """Inverse of `pack_fitted_image`: the RGB image of bucket size held in `data` (copied, so
+    a memoryview over someone else's buffer may be released afterwards)."""
+    expected = bucket.width_px * bucket.height_px * 3
+    size = memoryview(data).nbytes
+    if size != expected:
+        raise ValueError(f"{bucket.bucket_id} image needs {expected} RGB bytes, got {size}")
+    return Image.frombytes("RGB", (bucket.width_px, bucket.height_px), data)

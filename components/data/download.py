@@ -285,9 +285,8 @@ def _take(table: pa.Table, *, positions: Sequence[int] | pa.Array, num_rows: int
 
 
 def _build_downloader(num_urls: int, *, work_dir: Path, config: DownloadConfig) -> Any:
-    # Imported here: img2dataset costs ~1.6 s to import and pulls in wandb and albumentations,
-    # and albumentations checks online for updates at import unless told not to.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # Imported here: img2dataset costs ~1.6 s to import and pulls in wandb and albumentations
+    # (whose online update check the process environment turns off: pipelines/environment.py).
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import ParquetSampleWriter

@@ -4,7 +4,8 @@ and duplicate detection (exact by sha256, near by 64-bit DCT perceptual hash).
 Sits after download in the data pipeline (download -> filter -> bucket -> encode). Per sample,
 `filter_sample` takes the downloaded bytes, the caption and optional source scores and returns
 either a `FilteredSample` (image fitted to its aspect bucket, bucket, oriented original size,
-image_sha256, phash) or a `Rejection` whose reason is one of FILTER_REASONS. Across samples,
+image_sha256, phash) or a `Rejection` whose reason is one of FILTER_REASONS. This is the only
+place an image is decoded and fitted: the encoder takes the fitted image as it is. Across samples,
 `find_duplicates` takes (key, image_sha256, phash) rows in priority order and names the rows
 to drop. Nothing here raises on bad data; only bad configuration raises ValueError.
 """
@@ -111,11 +112,11 @@ class Rejection:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FilteredSample:
-    """A kept sample: `normalised` is the RGB source image (orientation applied); `fitted()`
-    gives it at exactly the bucket's size (computed on demand: the chunk stage only needs the
-    geometry and hashes, the encoder does the resize)."""
+    """A kept sample, with its image already fitted to its bucket (what the encoder takes)."""
 
-    normalised: Image.Image
+    fitted: Image.Image
+    """The decoded RGB image (orientation applied), cover-resized and centre-cropped to exactly
+    bucket.width_px x bucket.height_px by `fit_to_bucket`."""
     bucket: Bucket
     width_px: int
     """Width of the decoded source image after EXIF orientation (not the bucket's width)."""
@@ -125,10 +126,6 @@ class FilteredSample:
     """sha256 hex digest of the downloaded bytes, exactly as received."""
     phash: int
     """64-bit DCT perceptual hash of the normalised (unbucketed) image, in [0, 2**64)."""
-
-    def fitted(self) -> Image.Image:
-        """The image resized to cover the bucket and centre-cropped to its exact size."""
-        return fit_to_bucket(self.normalised, self.bucket)
 
 
 def _open_header(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -287,8 +284,8 @@ def filter_sample(
     """Check one sample: caption, scores, decode/bomb, size, aspect, crop, in that order.
 
     scores holds the optional source columns aesthetic_score, watermark_score, nsfw_score.
-    A kept sample knows its nearest bucket and carries its sha256 and pHash for
-    find_duplicates, which runs across samples afterwards.
+    A kept sample carries its image fitted to the nearest bucket, and its sha256 and pHash
+    for find_duplicates, which runs across samples afterwards.
     """
     rejection = _check_caption(caption, config) or _check_scores(scores, config)
     if rejection is not None:
@@ -302,7 +299,7 @@ def filter_sample(
     if isinstance(bucket, Rejection):
         return bucket
     return FilteredSample(
-        normalised=image,
+        fitted=fit_to_bucket(image, bucket),
         bucket=bucket,
         width_px=width_px,
         height_px=height_px,

@@ -1,13 +1,9 @@
 """HTTP server on 127.0.0.1 that serves a folder, so img2dataset really downloads in local runs.
 
 Input: a root folder. Output: URLs (`base_url`, `url(relpath)`) answered from a background thread.
-Besides plain files it has the routes the bad-input corpus needs:
-  /status/<code>           answers with that HTTP error code (e.g. /status/404)
-  /slow/<seconds>/<file>   waits, then serves <file>; other requests are served meanwhile
-  /as-html/<file>          serves <file>'s bytes with Content-Type text/html
-  /noai/<file>             serves <file> with the header "X-Robots-Tag: noai"
-  /redirect?to=<url>       answers 302 with Location <url>
-`closed_port_url()` gives a URL on 127.0.0.1 where nothing listens (connection refused).
+It serves the folder's files and nothing else: no directory listings, no redirects, no other
+routes (a path that is not a file is a 404). `closed_port_url()` gives a URL on 127.0.0.1 where
+nothing listens (connection refused).
 """
 
 from __future__ import annotations
@@ -19,82 +15,23 @@ from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import parse_qs, quote
+from typing import BinaryIO
+from urllib.parse import quote
 
 LOOPBACK_HOST = "127.0.0.1"
-MAX_SLOW_SECONDS = 120.0
 
 
-class _CorpusRequestHandler(SimpleHTTPRequestHandler):
-    """Static files plus the special routes listed in the module docstring."""
+class FileRequestHandler(SimpleHTTPRequestHandler):
+    """GET and HEAD of the files under the server's root; anything else is a 404 (a folder
+    gets no listing and no redirect to its index)."""
 
     server: _LoopbackHTTPServer
-    _content_type_override: str | None = None
-    _extra_headers: tuple[tuple[str, str], ...] = ()
 
-    def do_GET(self) -> None:  # noqa: N802 (name fixed by BaseHTTPRequestHandler)
-        if self._route():
-            super().do_GET()
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        if self._route():
-            super().do_HEAD()
-
-    def _route(self) -> bool:
-        """Apply a special route; True when the (rewritten) path should be served as a file."""
-        path, _, query = self.path.partition("?")
-        parts = path.lstrip("/").split("/")
-        if parts[0] == "redirect":
-            return self._redirect(query)
-        if parts[0] == "status" and len(parts) == 2:
-            return self._send_status(parts[1])
-        if parts[0] == "slow" and len(parts) >= 3:
-            return self._wait_then_serve(parts[1], parts[2:])
-        if parts[0] == "as-html" and len(parts) >= 2:
-            self._content_type_override = "text/html"
-            self.path = "/" + "/".join(parts[1:])
-        elif parts[0] == "noai" and len(parts) >= 2:
-            self._extra_headers = (("X-Robots-Tag", "noai"),)
-            self.path = "/" + "/".join(parts[1:])
-        return True
-
-    def _redirect(self, query: str) -> bool:
-        targets = parse_qs(query).get("to")
-        if not targets:
-            self.send_error(HTTPStatus.BAD_REQUEST)
-            return False
-        self.send_response(HTTPStatus.FOUND)
-        self.send_header("Location", targets[0])
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-        return False
-
-    def _send_status(self, code_text: str) -> bool:
-        code = int(code_text) if code_text.isdigit() else 0
-        if not 400 <= code <= 599:
-            code = HTTPStatus.BAD_REQUEST
-        self.send_error(code)
-        return False
-
-    def _wait_then_serve(self, seconds_text: str, file_parts: list[str]) -> bool:
-        try:
-            seconds = min(float(seconds_text), MAX_SLOW_SECONDS)
-        except ValueError:
-            self.send_error(HTTPStatus.BAD_REQUEST)
-            return False
-        # Waiting on the stop event (not time.sleep) lets stop() end slow requests at once.
-        if self.server.stop_event.wait(max(seconds, 0.0)):
-            return False
-        self.path = "/" + "/".join(file_parts)
-        return True
-
-    def guess_type(self, path: str | Path) -> str:
-        return self._content_type_override or super().guess_type(path)
-
-    def end_headers(self) -> None:
-        for name, value in self._extra_headers:
-            self.send_header(name, value)
-        super().end_headers()
+    def send_head(self) -> BinaryIO | None:
+        if not Path(self.translate_path(self.path)).is_file():
+            self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+            return None
+        return super().send_head()
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         return
@@ -103,14 +40,20 @@ class _CorpusRequestHandler(SimpleHTTPRequestHandler):
 class _LoopbackHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     stop_event: threading.Event
+    """Set by LoopbackServer.stop(), so a handler that waits can give up at once."""
 
     def handle_error(self, request: object, client_address: object) -> None:
-        # Clients that give up early (timeouts in the bad-input corpus) reset the connection.
+        # Clients that give up early (download timeouts) reset the connection.
         return
 
 
 class LoopbackServer:
-    """Serves `root` over HTTP on 127.0.0.1 at a free port; use as a context manager."""
+    """Serves `root` over HTTP on 127.0.0.1 at a free port; use as a context manager.
+
+    `handler_class` answers the requests; a subclass of FileRequestHandler may add routes.
+    """
+
+    handler_class: type[FileRequestHandler] = FileRequestHandler
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -133,7 +76,7 @@ class LoopbackServer:
             return self
         if not self.root.is_dir():
             raise FileNotFoundError(f"LoopbackServer root is not a folder: {self.root}")
-        handler = functools.partial(_CorpusRequestHandler, directory=str(self.root))
+        handler = functools.partial(self.handler_class, directory=str(self.root))
         server = _LoopbackHTTPServer((LOOPBACK_HOST, 0), handler)
         server.stop_event = threading.Event()
         self._server = server

@@ -7,14 +7,15 @@ champion's; resolve_package / load_parts bring a `models:/NAME@ALIAS` or `models
 back to a local, verified package. Every call takes its tracking URI explicitly and never
 starts or leaves an active run.
 
-The pyfunc flavour (QwenFluxPyfunc) is for MLflow-native serving: request rows -> PNG bytes.
+The pyfunc flavour (QwenFluxPyfunc) is for MLflow-native serving: request rows (the schema of
+batch inference, components/inference/request_schema.py) -> result rows with PNG bytes.
 Our own batch inference loads the package through load_parts: only safetensors and JSON, while
 mlflow.pyfunc.load_model unpickles MLflow's python_model.pkl (a reference to this class).
 """
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
 import math
 import os
@@ -34,11 +35,19 @@ import mlflow
 import pandas as pd
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature, infer_signature
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Array, ColSpec, DataType, Object, Property, Schema
 
 from components.inference.generator import GeneratorParts
 from components.inference.package import PACKAGE_FILE, load_package, read_manifest
+from components.inference.request_rows import (
+    RESULT_COLUMNS,
+    generate_row,
+    png_bytes,
+    request_id,
+)
+from components.inference.request_schema import REQUEST_FIELDS, defaults_from_plain
 
 MODEL_ARTIFACT_NAME = "qwenflux"
 """Name of the logged pyfunc model inside the run."""
@@ -48,22 +57,11 @@ CHAMPION_ALIAS = "champion"
 GATE_TAG_PREFIX = "gate."
 DOWNLOAD_MARKER = ".registry_download.json"
 """Written into a downloaded package just before it is moved into place: it is complete."""
-REQUEST_COLUMNS = (
-    "id",
-    "mode",
-    "prompt",
-    "width",
-    "height",
-    "seed",
-    "steps",
-    "guidance",
-    "cfg_scale",
-    "strength",
-    "image",
-    "mask",
-)
-"""image / mask: encoded image bytes (PNG, JPEG), only for the modes that take them."""
-RESULT_COLUMNS = ("id", "status", "error", "png")
+PYFUNC_RESULT_COLUMNS = (*RESULT_COLUMNS, "png")
+"""The pyfunc's result rows: request_rows.RESULT_COLUMNS + png (PNG bytes; None unless ok)."""
+PYFUNC_MODEL_CONFIG = {"controlnet": "", "depth_detector": "", "requests": {}}
+"""The pyfunc's model_config as logged (no ControlNet, RequestDefaults' defaults); a server sets
+its own with mlflow.pyfunc.load_model(uri, model_config={...}) (see QwenFluxPyfunc)."""
 _REQUIREMENTS = ("torch", "diffusers", "transformers", "safetensors", "pillow", "pandas", "mlflow")
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
@@ -87,88 +85,87 @@ class PromotionDecision:
 
 
 class QwenFluxPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: request rows (REQUEST_COLUMNS) -> result rows (RESULT_COLUMNS).
+    """MLflow pyfunc: request rows (REQUEST_FIELDS, images as encoded bytes) -> result rows
+    (PYFUNC_RESULT_COLUMNS), through request_rows.generate_row: the parser, limits and checks of
+    batch inference, with the package's Generator (CUDA + bf16 when a GPU is visible, else CPU
+    + fp32). A bad row gets status "error" and its field; it never fails the other rows.
 
-    Thin: the package is loaded with load_package and requests go to the Generator of
-    components.inference.generator (CUDA + bf16 when a GPU is visible, else CPU + fp32). A bad row
-    gets status "error" and its message; it never fails the other rows.
+    Optional model_config (at log or load time): "controlnet" and "depth_detector" as
+    infer.controlnet / infer.depth_detector, "requests" as [infer.requests] (RequestDefaults).
+    There is no requests folder: local paths are refused unless under requests.allowed_roots.
     """
 
     def load_context(self, context) -> None:
         import torch
 
+        from components.inference.control import load_controlnet, load_depth_detector
         from components.inference.generator import Generator
 
-        parts = load_package(Path(context.artifacts[PACKAGE_ARTIFACT]))
-        on_gpu = torch.cuda.is_available()
+        config = dict(context.model_config or {})
+        unknown = sorted(set(config) - set(PYFUNC_MODEL_CONFIG))
+        if unknown:
+            known = ", ".join(PYFUNC_MODEL_CONFIG)
+            raise ValueError(f"model_config: unknown key {unknown[0]!r} (known: {known})")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        controlnet, depth = config.get("controlnet"), config.get("depth_detector")
+        parts = dataclasses.replace(
+            load_package(Path(context.artifacts[PACKAGE_ARTIFACT])),
+            controlnet=load_controlnet(controlnet) if controlnet else None,
+            depth_detector=load_depth_detector(depth, device=device) if depth else None,
+        )
+        self.defaults = defaults_from_plain(config.get("requests") or {})
         self.generator = Generator(
-            parts,
-            device="cuda" if on_gpu else "cpu",
-            compute_dtype="bfloat16" if on_gpu else "float32",
+            parts, device=device, compute_dtype="bfloat16" if device == "cuda" else "float32"
         )
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        rows = model_input.to_dict("records")
         return pd.DataFrame(
-            [self._generate_row(row) for row in model_input.to_dict("records")],
-            columns=list(RESULT_COLUMNS),
+            [self._answer(row, position) for position, row in enumerate(rows)],
+            columns=list(PYFUNC_RESULT_COLUMNS),
         )
 
-    def _generate_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        try:
-            image = self.generator.generate(request_from_row(row))
-        except Exception as error:  # one bad request must not fail the batch
-            return {"id": row.get("id"), "status": "error", "error": str(error), "png": None}
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return {"id": row.get("id"), "status": "ok", "error": "", "png": buffer.getvalue()}
-
-
-def request_from_row(row: dict[str, Any]):
-    """A GenerationRequest from one request row (missing / NaN optional fields -> defaults)."""
-    from PIL import Image
-
-    from components.inference.request_schema import GenerationRequest
-
-    def present(name: str) -> bool:
-        value = row.get(name)
-        return value is not None and not (isinstance(value, float) and math.isnan(value))
-
-    def image(name: str):
-        if not present(name):
-            return None
-        with Image.open(io.BytesIO(row[name])) as opened:
-            return opened.convert("L" if name == "mask" else "RGB")
-
-    optional = {"strength": float, "guidance": float, "cfg_scale": float, "seed": int, "steps": int}
-    return GenerationRequest(
-        mode=str(row["mode"]),
-        width=int(row["width"]),
-        height=int(row["height"]),
-        prompt=str(row["prompt"]) if present("prompt") else "",
-        image=image("image"),
-        mask=image("mask"),
-        **{name: kind(row[name]) for name, kind in optional.items() if present(name)},
-    )
+    def _answer(self, row: dict[str, Any], position: int) -> dict[str, Any]:
+        row = {**row, "id": request_id(row, position)}
+        outcome = generate_row(self.generator, row, base_dir=None, defaults=self.defaults)
+        return outcome.result | {"png": None if outcome.image is None else png_bytes(outcome.image)}
 
 
 def request_signature() -> ModelSignature:
-    """The pyfunc signature, inferred from example request and result frames (image, mask,
-    guidance, cfg_scale and png optional)."""
-    requests = pd.DataFrame(
-        [
-            ["text-1", "text", "a red cat", 512, 512, 0, 28, 3.5, 3.0, 0.8, None, None],
-            ["paint-1", "inpaint", "", 512, 512, 1, 28, float("nan"), float("nan"), 0.6]
-            + [b"png", b"png"],
-        ],
-        columns=list(REQUEST_COLUMNS),
+    """The pyfunc signature: every REQUEST_FIELDS column, all optional (a row that leaves a
+    field out takes its default; a bad value is a per-row error). Images are encoded bytes,
+    focus is JSON text, control a list of {kind, image (bytes), strength?, preprocessed?}. MLflow
+    holds no missing value in an integer column: send seed / steps for every row or none."""
+    string, binary, double, long = (
+        DataType.string,
+        DataType.binary,
+        DataType.double,
+        DataType.long,
     )
-    results = pd.DataFrame(
-        [["text-1", "ok", "", b"png"], ["paint-1", "error", "mask: ...", None]],
-        columns=list(RESULT_COLUMNS),
+    control = Array(
+        Object(
+            [
+                Property("kind", string),
+                Property("image", binary),
+                Property("strength", double, required=False),
+                Property("preprocessed", DataType.boolean, required=False),
+            ]
+        )
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # integer columns: none is ever missing
-        return infer_signature(requests, results)
+    request_types = dict.fromkeys(("id", "mode", "prompt", "focus", "aspect"), string)
+    request_types |= dict.fromkeys(("image", "mask"), binary) | {"control": control}
+    request_types |= dict.fromkeys(("strength", "guidance", "cfg_scale"), double)
+    request_types |= dict.fromkeys(("seed", "steps"), long)
+    result_types = dict.fromkeys(RESULT_COLUMNS, string)
+    result_types |= dict.fromkeys(("seed", "steps", "width", "height"), long) | {"png": binary}
+    return ModelSignature(
+        inputs=Schema(
+            [ColSpec(request_types[name], name, required=False) for name in REQUEST_FIELDS]
+        ),
+        outputs=Schema(
+            [ColSpec(result_types[name], name, required=False) for name in PYFUNC_RESULT_COLUMNS]
+        ),
+    )
 
 
 def register_model(
@@ -209,6 +206,7 @@ def register_model(
                 python_model=QwenFluxPyfunc(),
                 artifacts={PACKAGE_ARTIFACT: str(package_dir)},
                 signature=request_signature(),
+                model_config=PYFUNC_MODEL_CONFIG,
                 pip_requirements=_pip_requirements(),
                 model_id=logged.model_id,
             )

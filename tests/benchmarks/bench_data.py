@@ -1,11 +1,12 @@
 """Throughput of the data pipeline's CPU stages, measured side by side in one run.
 
-(A) download + filter + bucket: the pipeline's chunk stage (`pipelines.data.process_chunk` as Ray
-    tasks, started by the pipeline's own `_process_chunks`) against `img2dataset.download` alone,
-    both over the same synthetic corpus served on 127.0.0.1, in source rows per second.
+(A) download + filter + bucket: the pipeline's chunk stage (`pipelines.data_chunks.process_chunk`
+    as Ray tasks, started by the pipeline's own `_process_chunks`; it decodes each image and fits
+    it to its bucket, once) against `img2dataset.download` alone, both over the same synthetic
+    corpus served on 127.0.0.1, in source rows per second.
 (B) encode: `pipelines.data.GroupEncoder` actors on a Ray Data actor pool (the call
     `_encode_groups` makes) against one `GroupEncoder` looping in this process, on the same
-    (chunk, bucket) groups of part A's output, in samples per second.
+    (chunk, bucket) groups of part A's output (their fitted images), in samples per second.
 
     python tests/benchmarks/bench_data.py [--images N] [--repeats R]
 
@@ -266,8 +267,8 @@ class Bench:
         """A fresh in-process Ray per repeat, so chunk tasks start in cold workers as in a run."""
         import ray
 
-        from pipelines.data import _chunk_rows, _process_chunks, read_outcomes
-        from pipelines.data_layout import DataLayout, read_url_list
+        from pipelines.data import _chunk_rows, _process_chunks
+        from pipelines.data_layout import DataLayout, read_outcomes, read_url_list
 
         root = self.work / f"ours-{repeat}"
         config = self.config(root)

@@ -9,10 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from components.data import shard_format
-from components.data.demo_corpus import write_bad_input_corpus, write_url_list
-from components.data.loopback_server import LoopbackServer, closed_port_url
+from components.data.demo_corpus import write_url_list
+from components.data.loopback_server import closed_port_url
 from pipelines.data import run_data
 from pipelines.data_layout import DataLayout
+from tests.bad_input_corpus import write_bad_input_corpus
+from tests.loopback_routes import RoutedLoopbackServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -20,7 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def bad_run(tmp_path_factory, tiny_models_dir, ray_local, make_tiny_config):
     folder = tmp_path_factory.mktemp("bad_corpus")
-    with LoopbackServer(folder) as server:
+    with RoutedLoopbackServer(folder) as server:
         cases = write_bad_input_corpus(
             folder, server_base_url=server.base_url, closed_port_url=closed_port_url(), seed=3
         )

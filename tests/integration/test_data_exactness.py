@@ -1,9 +1,11 @@
 """The bars of the cache: shard rows (after the Parquet round trip) replay Qwen2-VL's last layer
-exactly and hold the VAE latents of the bucketed image, for samples of different buckets."""
+exactly and hold the VAE latents of the bucketed image, for samples of different buckets; the
+fitted image the encoder read is exactly the downloaded bytes decoded and fitted again here."""
 
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -11,18 +13,25 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from components.data import shard_format
 from components.data.buckets import build_buckets, fit_to_bucket
+from components.data.download import DOWNLOAD_FILE_NAME
 from components.data.encode import SampleEncoder, decode_hidden
 from components.data.filters import normalise_image
 from model.qwen2vl_tail import Qwen2VLTail, pad_prompt_batch
-from pipelines.data import _downloaded_rows
-from pipelines.data_layout import DataLayout
+from pipelines.data_layout import DataLayout, read_fitted_slices
 
 pytestmark = pytest.mark.integration
 
 
+def _original_bytes(layout: DataLayout, chunk: int) -> dict[str, bytes]:
+    """The downloaded bytes of a chunk, by sample key, as img2dataset wrote them."""
+    table = pq.read_table(layout.chunk_dir(chunk) / DOWNLOAD_FILE_NAME, columns=["key", "image"])
+    return {row["key"]: row["image"] for row in table.to_pylist() if row["image"] is not None}
+
+
 @pytest.fixture(scope="module")
 def stored(tiny_data_run):
-    """Two samples of the 1:2 bucket and two of the widest bucket, with their bucketed images."""
+    """Two samples of the 1:2 bucket and two of the widest bucket, with their bucketed images
+    (decoded and fitted here from the downloaded bytes, independently of the pipeline)."""
     config, _ = tiny_data_run
     layout = DataLayout(Path(config.run.root))
     buckets = {bucket.bucket_id: bucket for bucket in build_buckets(config.data.buckets)}
@@ -32,11 +41,33 @@ def stored(tiny_data_run):
         path = next(p for p in path if p.parent.name == f"bucket={bucket_id}")
         samples = list(shard_format.iter_samples(shard_format.read_shard(path)))[:2]
         chunk = int(path.stem.removeprefix("part-"))
-        originals = _downloaded_rows(layout, chunk, {s["sample_key"] for s in samples})
+        originals = _original_bytes(layout, chunk)
         for sample in samples:
             image = normalise_image(originals[sample["sample_key"]], max_pixels=10**8)
             picked.append((sample, fit_to_bucket(image, buckets[bucket_id])))
     return config, picked
+
+
+def test_encoder_input_is_the_image_decoded_and_fitted_once(tiny_data_run):
+    """Every encoded sample's fitted image (written by the chunk task, read by the encoder) is
+    pixel for pixel the downloaded bytes decoded and fitted to its bucket."""
+    config, summary = tiny_data_run
+    layout = DataLayout(Path(config.run.root))
+    buckets = {bucket.bucket_id: bucket for bucket in build_buckets(config.data.buckets)}
+    max_pixels = config.data.filters.max_pixels
+    checked = 0
+    for path in shard_format.list_shards(layout.data):
+        bucket = buckets[path.parent.name.removeprefix("bucket=")]
+        chunk = int(path.stem.removeprefix("part-"))
+        keys = pq.read_table(path, columns=["sample_key"])["sample_key"].to_pylist()
+        originals = _original_bytes(layout, chunk)
+        fitted = layout.fitted_images(chunk, bucket.bucket_id)
+        for slice_keys, images in read_fitted_slices(fitted, keys, bucket, slice_rows=64):
+            for key, image in zip(slice_keys, images, strict=True):
+                decoded = normalise_image(originals[key], max_pixels=max_pixels)
+                assert image.tobytes() == fit_to_bucket(decoded, bucket).tobytes(), key
+                checked += 1
+    assert checked == summary.encoded > 0
 
 
 def test_stored_prefix_replays_to_the_full_model(stored):

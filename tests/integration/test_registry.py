@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from components.inference.generator import GeneratorSettings
 from components.inference.package import export_package, load_package
 from components.inference.registry import (
+    PYFUNC_RESULT_COLUMNS,
     RegistryError,
     load_parts,
     promote,
@@ -265,20 +266,25 @@ def test_pyfunc_flavour_serves_request_rows(registry, server_uri, tmp_path):
         tracking_uri=server_uri,
     )
     model = mlflow.pyfunc.load_model(model_dir)
+    # The batch-inference schema (components/inference/request_schema.py): the size is an
+    # aspect ("WxH" or a ratio name), images are encoded bytes.
     requests = pd.DataFrame(
         [
-            ["ok-1", "text", "a red cat", 32, 48, 0, 1, 3.5, 0.8, None, None],
-            ["bad-1", "variation", "", 32, 32, 0, 1, float("nan"), 0.8, None, None],
+            ["ok-1", "text", "a red cat", "32x48", 0, 1, 3.5, 0.8, None, None],
+            ["bad-1", "variation", "", "32x32", 0, 1, float("nan"), 0.8, None, None],
         ],
-        columns=["id", "mode", "prompt", "width", "height", "seed", "steps", "guidance"]
+        columns=["id", "mode", "prompt", "aspect", "seed", "steps", "guidance"]
         + ["strength", "image", "mask"],
     )
     results = model.predict(requests)
-    assert list(results.columns) == ["id", "status", "error", "png"]
+    assert list(results.columns) == list(PYFUNC_RESULT_COLUMNS)
+    assert list(results.columns)[:4] == ["id", "status", "error_field", "error"]
+    assert list(results.columns)[-1] == "png"
     ok, bad = results.to_dict("records")
     assert (ok["id"], ok["status"], ok["error"]) == ("ok-1", "ok", "")
     assert Image.open(io.BytesIO(ok["png"])).size == (32, 48)
     assert (bad["status"], bad["png"]) == ("error", None) and "image" in bad["error"]
+    assert bad["error_field"] == "image" and bad["error"].startswith("image: ")
 
 
 def test_plain_sqlite_registry_without_a_server(packages, tmp_path):

@@ -57,7 +57,8 @@ def test_conditioning_checks_fail_the_untrained_model_and_a_20_step_one_fails_va
     from components.inference.package import load_package
     from components.training.model_loading import load_training_model
     from pipelines.config import load_config
-    from pipelines.register import conditioning_checks, dataset_root, evaluate_gate
+    from pipelines.register import conditioning_checks, evaluate_gate
+    from pipelines.run_layout import RunLayout
 
     config, result = registered
     check = load_config("tiny").registry.conditioning
@@ -79,7 +80,7 @@ def test_conditioning_checks_fail_the_untrained_model_and_a_20_step_one_fails_va
     assert gate.metrics()["conditioning_text_accuracy"] == text.accuracy
 
     untrained, convention = load_training_model(
-        strict.data.encode, dataset_root=dataset_root(strict), seed=strict.run.seed
+        strict.data.encode, dataset_root=RunLayout(strict).dataset_root, seed=strict.run.seed
     )
     untrained.eval()
     untrained_parts = dataclasses.replace(

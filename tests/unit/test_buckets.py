@@ -1,4 +1,5 @@
-"""Aspect buckets: sizes worked out by hand, nearest-bucket choice, crop geometry, fit_to_bucket."""
+"""Aspect buckets: sizes worked out by hand, nearest-bucket choice, crop geometry, fit_to_bucket,
+and the lossless raw-RGB packing a fitted image travels in."""
 
 import math
 
@@ -14,6 +15,8 @@ from components.data.buckets import (
     crop_fraction,
     fit_to_bucket,
     nearest_bucket,
+    pack_fitted_image,
+    unpack_fitted_image,
 )
 
 pytestmark = pytest.mark.unit
@@ -182,3 +185,25 @@ def test_fit_to_bucket_always_returns_the_exact_bucket_size(source_size):
         fitted = fit_to_bucket(image, bucket)
         assert fitted.size == (bucket.width_px, bucket.height_px)
         assert fitted.mode == "RGB"
+
+
+def test_fitted_image_packs_and_unpacks_losslessly():
+    bucket = Bucket("48x32", "3:2", 48, 32)
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), mode="RGB")
+    fitted = fit_to_bucket(noise, bucket)
+    packed = pack_fitted_image(fitted, bucket)
+    assert len(packed) == 48 * 32 * 3
+    back = unpack_fitted_image(packed, bucket)
+    assert (back.mode, back.size) == ("RGB", (48, 32))
+    assert np.array_equal(np.asarray(back), np.asarray(fitted))
+
+
+def test_packing_refuses_images_that_are_not_the_buckets_rgb():
+    bucket = Bucket("48x32", "3:2", 48, 32)
+    with pytest.raises(ValueError, match="48x32"):
+        pack_fitted_image(Image.new("RGB", (32, 48)), bucket)
+    with pytest.raises(ValueError, match="RGB"):
+        pack_fitted_image(Image.new("L", (48, 32)), bucket)
+    with pytest.raises(ValueError, match="4608 RGB bytes"):
+        unpack_fitted_image(b"\x00" * 100, bucket)

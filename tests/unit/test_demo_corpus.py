@@ -1,4 +1,5 @@
-"""Demo corpus: deterministic per seed, all five aspect buckets, every bad-input case as built."""
+"""Demo corpus: deterministic per seed, all five aspect buckets; and the tests' bad-input corpus
+(tests/bad_input_corpus.py): every case as built."""
 
 import io
 import json
@@ -14,10 +15,10 @@ from components.data.demo_corpus import (
     POSITIONS,
     SHAPES,
     CorpusItem,
-    write_bad_input_corpus,
     write_synthetic_corpus,
     write_url_list,
 )
+from tests.bad_input_corpus import write_bad_input_corpus
 
 pytestmark = pytest.mark.unit
 

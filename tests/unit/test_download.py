@@ -15,8 +15,9 @@ from components.data.download import (
     classify_download_error,
     download_chunk,
 )
-from components.data.loopback_server import LoopbackServer, closed_port_url
+from components.data.loopback_server import closed_port_url
 from components.data.url_policy import UrlPolicyConfig
+from tests.loopback_routes import RoutedLoopbackServer
 
 pytestmark = pytest.mark.unit
 
@@ -31,7 +32,7 @@ def served(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("served")
     items = write_synthetic_corpus(root, count=4, seed=7, max_side_px=96)
-    with LoopbackServer(root) as server:
+    with RoutedLoopbackServer(root) as server:
         yield root, server, items
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.data.buckets import BucketConfig
+from components.data.buckets import BucketConfig, fit_to_bucket
 from components.data.filters import (
     FILTER_REASONS,
     FilterConfig,
@@ -191,8 +191,10 @@ def test_kept_sample_is_bucketed_and_carries_hashes():
     result = _filter(data)
     assert isinstance(result, FilteredSample)
     assert result.bucket.bucket_id == "64x40"
-    fitted = result.fitted()
-    assert fitted.size == (64, 40) and fitted.mode == "RGB"
+    assert result.fitted.size == (64, 40) and result.fitted.mode == "RGB"
+    normalised = normalise_image(data, max_pixels=MAX_PIXELS)
+    expected = fit_to_bucket(normalised, result.bucket)
+    assert result.fitted.tobytes() == expected.tobytes(), "fitted once, exactly as fit_to_bucket"
     assert (result.width_px, result.height_px) == (96, 54)
     assert result.image_sha256 == hashlib.sha256(data).hexdigest()
     assert 0 <= result.phash < 2**64

@@ -1,8 +1,10 @@
-"""Request rows -> GenerationRequest or a RequestError naming the field
-(components/inference/request_rows.py)."""
+"""Request rows -> GenerationRequest or a RequestError naming the field, within the limits of
+RequestDefaults, -> a result row (components/inference/request_rows.py, request_schema.py)."""
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -12,15 +14,25 @@ from components.data.loopback_server import LoopbackServer
 from components.data.url_policy import UrlPolicyConfig
 from components.inference.control import ControlInput
 from components.inference.request_rows import (
+    RESULT_COLUMNS,
     RequestDefaults,
     RequestError,
+    generate_row,
     parse_request,
+    png_bytes,
     read_request_rows,
     request_id,
 )
-from components.inference.request_schema import FocusCircle, FocusGrid
+from components.inference.request_schema import (
+    PROMPT_CHARS_PER_TOKEN,
+    FocusCircle,
+    FocusGrid,
+    GenerationRequest,
+)
+from tests.loopback_routes import RoutedLoopbackServer
 
 DEFAULTS = RequestDefaults(max_side_px=128, steps=4, max_steps=20)
+SHORT_PROMPTS = RequestDefaults(max_side_px=128, steps=4, max_prompt_tokens=8)
 
 
 @pytest.fixture
@@ -177,7 +189,7 @@ def test_bad_rows_name_their_field(folder, row, field):
 
 
 def test_urls_are_fetched_only_where_the_policy_allows(folder):
-    with LoopbackServer(folder) as server:
+    with RoutedLoopbackServer(folder) as server:
         row = {"mode": "variation", "image": server.url("wide.png")}
         with pytest.raises(RequestError, match="loopback"):
             parse(row, folder)
@@ -245,3 +257,186 @@ def test_controls_from_lists_json_text_parquet_and_urls(folder):
             max_side_px=128, steps=4, url_policy=UrlPolicyConfig(allow_hosts=("127.0.0.1",))
         )
         assert parse(row, folder, allowed).control[0].image.size == (96, 64)
+
+
+@pytest.mark.parametrize(
+    ("row", "defaults", "field"),
+    [
+        ({"guidance": 20.5}, DEFAULTS, "guidance"),
+        (
+            {"guidance": 7.0},
+            RequestDefaults(max_side_px=128, steps=4, max_guidance=5.0),
+            "guidance",
+        ),
+        ({"cfg_scale": 21.0}, DEFAULTS, "cfg_scale"),
+        (
+            {"cfg_scale": 3.0},
+            RequestDefaults(max_side_px=128, steps=4, max_cfg_scale=2.0),
+            "cfg_scale",
+        ),
+        ({"steps": float("inf")}, DEFAULTS, "steps"),
+        ({"seed": np.float64(2.5)}, DEFAULTS, "seed"),
+        ({"prompt": "x" * (8 * PROMPT_CHARS_PER_TOKEN + 1)}, SHORT_PROMPTS, "prompt"),
+    ],
+)
+def test_limits_are_per_row_errors_naming_the_field(folder, row, defaults, field):
+    with pytest.raises(RequestError) as caught:
+        parse({"mode": "text", "prompt": "x"} | row, folder, defaults)
+    assert caught.value.field == field, str(caught.value)
+
+
+def test_values_at_the_limits_and_numpy_numbers_parse(folder):
+    row = {"mode": "text", "prompt": "x" * (8 * PROMPT_CHARS_PER_TOKEN), "guidance": 20.0}
+    request = parse(
+        row | {"cfg_scale": 20.0, "seed": np.int64(2**62), "steps": np.int64(3)},
+        folder,
+        SHORT_PROMPTS,
+    )
+    assert (request.guidance, request.cfg_scale, request.seed, request.steps) == (
+        20.0,
+        20.0,
+        2**62,
+        3,
+    )
+    defaulted = parse({"mode": "text", "prompt": "x"}, folder)
+    assert (defaulted.seed, defaulted.guidance, defaulted.cfg_scale) == (0, None, 1.0)
+    assert (
+        defaulted.strength
+        == DEFAULTS.strength
+        == GenerationRequest(mode="text", width=16, height=16).strength
+    )
+
+
+@pytest.fixture
+def confined(folder):
+    """A requests folder inside `folder`, a file beside it, and a symlink leading out of it."""
+    inside = folder / "requests"
+    inside.mkdir()
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(inside / "inside.png")
+    Image.new("L", (64, 64), 255).save(inside / "mask.png")
+    (inside / "sub").mkdir()
+    Image.new("RGB", (64, 64), (0, 0, 90)).save(folder / "outside.png")
+    Image.new("L", (64, 64), 0).save(folder / "outside-mask.png")
+    (inside / "link.png").symlink_to(folder / "outside.png")
+    return inside
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"mode": "variation", "image": "../outside.png"},
+        {"mode": "variation", "image": "link.png"},
+        {"mode": "variation", "image": "OUTSIDE"},
+        {"mode": "variation", "image": "sub/../../outside.png"},
+        {"mode": "inpaint", "image": "inside.png", "mask": "../outside-mask.png"},
+        {"mode": "text", "prompt": "x", "control": [{"kind": "line", "image": "../outside.png"}]},
+    ],
+)
+def test_local_paths_stay_inside_the_requests_folder(confined, row):
+    row = {
+        key: str(confined.parent / "outside.png") if value == "OUTSIDE" else value
+        for key, value in row.items()
+    }
+    with pytest.raises(RequestError, match="outside the requests folder") as caught:
+        parse(row, confined)
+    field = "control" if "control" in row else "mask" if "mask" in row else "image"
+    assert caught.value.field == field
+    trusted = parse_request(row, base_dir=confined, defaults=DEFAULTS, trust_local_paths=True)
+    assert trusted.mode == row["mode"]
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_unreadable_paths_are_errors_naming_the_field(confined, trusted):
+    (confined / "loop.png").symlink_to(confined / "loop.png")
+    for reference in ("loop.png", "bad\x00name.png"):
+        row = {"mode": "variation", "image": reference}
+        with pytest.raises(RequestError) as caught:
+            parse_request(row, base_dir=confined, defaults=DEFAULTS, trust_local_paths=trusted)
+        assert caught.value.field == "image", str(caught.value)
+
+
+def test_allowed_roots_absolute_paths_bytes_and_the_pyfunc_without_a_folder(confined):
+    absolute = {"mode": "variation", "image": str(confined / "inside.png")}
+    assert parse(absolute, confined).image.size == (64, 64)
+    outside = {"mode": "variation", "image": "../outside.png"}
+    roots = RequestDefaults(max_side_px=128, steps=4, allowed_roots=(str(confined.parent),))
+    assert parse(outside, confined, roots).image.getpixel((0, 0)) == (0, 0, 90)
+    with pytest.raises(RequestError, match="has no requests folder"):
+        parse_request(
+            {"mode": "variation", "image": "inside.png"}, base_dir=None, defaults=DEFAULTS
+        )
+    with pytest.raises(RequestError, match="outside the requests folder"):
+        parse_request(absolute, base_dir=None, defaults=DEFAULTS)
+    data = (confined / "inside.png").read_bytes()
+    from_bytes = parse_request(
+        {"mode": "variation", "image": data}, base_dir=None, defaults=DEFAULTS
+    )
+    assert from_bytes.image.getpixel((0, 0)) == (0, 90, 0)
+    tiny = RequestDefaults(max_side_px=128, steps=4, max_image_bytes=16)
+    with pytest.raises(RequestError, match="image bytes exceed 16 B") as caught:
+        parse_request({"mode": "variation", "image": data}, base_dir=None, defaults=tiny)
+    assert caught.value.field == "image"
+
+
+class _FakeGenerator:
+    """What generate_row needs of a Generator: check_supported, encoder.tokenizer, generate.
+    Its tokenizer counts words; generation fails for the prompt "explode"."""
+
+    def __init__(self) -> None:
+        self.encoder = SimpleNamespace(tokenizer=self._tokenize)
+        self.generated = []
+
+    @staticmethod
+    def _tokenize(text, add_special_tokens):
+        assert not add_special_tokens
+        return {"input_ids": text.split()}
+
+    def check_supported(self, request):
+        if request.control:
+            raise ValueError("control: no ControlNet is configured (infer.controlnet)")
+
+    def generate(self, request):
+        if request.prompt == "explode":
+            raise RuntimeError("out of memory")
+        self.generated.append(request)
+        return Image.new("RGB", (request.width, request.height))
+
+
+@pytest.mark.parametrize(
+    ("row", "status", "field"),
+    [
+        ({"mode": "text", "prompt": "one two three four"}, "ok", ""),
+        ({"mode": "text", "prompt": "one two three four five"}, "error", "prompt"),
+        (
+            {"mode": "text", "prompt": "x", "control": [{"kind": "line", "image": "wide.png"}]},
+            "error",
+            "control",
+        ),
+        ({"mode": "text", "prompt": "explode"}, "error", "generation"),
+        ({"mode": "text", "prompt": "x", "seed": "seven"}, "error", "seed"),
+    ],
+)
+def test_generate_row_turns_every_failure_into_a_result_naming_the_field(
+    folder, row, status, field
+):
+    generator = _FakeGenerator()
+    defaults = RequestDefaults(max_side_px=128, steps=4, max_prompt_tokens=4)
+    outcome = generate_row(generator, row, base_dir=folder, defaults=defaults)
+    result = outcome.result
+    assert tuple(result) == RESULT_COLUMNS
+    assert (result["id"], result["status"], result["error_field"]) == ("row-0", status, field), (
+        result
+    )
+    if status == "ok":
+        assert outcome.image.size == (128, 128) and outcome.generate_seconds >= 0
+        assert (result["mode"], result["steps"], result["width"]) == ("text", 4, 128)
+        assert result["error"] == ""
+    else:
+        assert outcome.image is None and result["error"].startswith(f"{field}: ")
+    assert len(generator.generated) == (status == "ok")
+
+
+def test_png_bytes_match_a_png_file(tmp_path):
+    image = Image.effect_noise((32, 16), 40).convert("RGB")
+    image.save(tmp_path / "saved.png", format="PNG")
+    assert png_bytes(image) == (tmp_path / "saved.png").read_bytes()
