@@ -135,33 +135,45 @@ def stage_progress(config, *, parent_run_id: str, poll_seconds: float = 1.0) -> 
 
 
 def _follow_stages(config, parent_run_id: str, stop: threading.Event, poll_seconds: float) -> None:
+    """One bar at a time: a stage's bar opens when its child run appears and closes (showing
+    its last step) when a later stage's run appears or the training ends."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.console import progress
 
     client = MlflowClient(tracking_uri=tracking_uri(config))
-    bars: dict[str, object] = {}
+    names = [stage.name for stage in config.train.stages]
+    current, bar = -1, None
     while True:
         finished = stop.wait(poll_seconds)
-        try:
-            runs = client.search_runs(
-                [client.get_run(parent_run_id).info.experiment_id],
-                filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-            )
-        except Exception:  # the store can be briefly locked by a writer; try again next poll
-            runs = []
-        by_stage = {run.data.tags.get("stage"): run for run in runs}
-        for stage in config.train.stages:
-            run = by_stage.get(stage.name)
+        by_stage = _stage_runs(client, parent_run_id)
+        for index in range(max(current, 0), len(names)):
+            run = by_stage.get(names[index])
             if run is None:
-                continue
-            if stage.name not in bars:
-                bars[stage.name] = progress(total=stage.num_steps, desc=stage.name, unit="step")
-            _update(bars[stage.name], client, run)
+                break
+            if index > current:
+                if bar is not None:
+                    _update(bar, client, by_stage[names[current]])
+                    bar.close()
+                stage = config.train.stages[index]
+                bar = progress(total=stage.num_steps, desc=stage.name, unit="step")
+                current = index
+            _update(bar, client, run)
         if finished:
-            for bar in bars.values():
+            if bar is not None:
                 bar.close()
             return
+
+
+def _stage_runs(client, parent_run_id: str) -> dict:
+    try:
+        runs = client.search_runs(
+            [client.get_run(parent_run_id).info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        )
+    except Exception:  # the store can be briefly locked by a writer; try again next poll
+        return {}
+    return {run.data.tags.get("stage"): run for run in runs}
 
 
 def _update(bar, client, run) -> None:
