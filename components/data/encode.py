@@ -311,16 +311,8 @@ class SampleEncoder:
         return latents
 
     def encode_clip_pooled(self, captions: list[str]) -> torch.Tensor:
-        """CLIP pooled caption embeddings float32 [B, pooled_dim], tokenised like FluxPipeline."""
-        tokens = self.clip_tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.clip_tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        output = self.clip(tokens["input_ids"].to(self.device), output_hidden_states=False)
-        return output.pooler_output.to(torch.float32).cpu()
+        """CLIP pooled caption embeddings float32 [B, pooled_dim] (see clip_pooled)."""
+        return clip_pooled(self.clip_tokenizer, self.clip, captions)
 
     def describe(self) -> dict:
         """Everything the data manifest needs to say how the cached tensors were made."""
@@ -347,3 +339,20 @@ class SampleEncoder:
             "vae_scaling_factor": float(self.vae.config.scaling_factor),
             "vae_shift_factor": float(self.vae.config.shift_factor or 0.0),
         }
+
+
+@torch.no_grad()
+def clip_pooled(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, captions: list[str]):
+    """CLIP-L pooled embeddings float32 [B, pooled_dim] on the CPU, tokenised like FluxPipeline
+    (padded to the tokenizer's max length, truncated): FLUX's pooled_projections. The one place
+    they are computed: captions in the data pipeline, prompts and the empty prompt elsewhere."""
+    tokens = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    device = next(text_encoder.parameters()).device
+    output = text_encoder(tokens["input_ids"].to(device), output_hidden_states=False)
+    return output.pooler_output.to(torch.float32).cpu()

@@ -15,7 +15,7 @@ import torch
 
 from components.checkpoints import resolve_checkpoint
 from components.data import shard_format
-from components.data.encode import EncodeConfig
+from components.data.encode import EncodeConfig, clip_pooled
 from components.training.encoder_tail import load_qwen2vl_tail
 from components.training.objective import LatentConvention, QwenFluxModel
 from model.conditioning import Connector
@@ -66,12 +66,4 @@ def empty_prompt_pooled(flux_root: Path) -> torch.Tensor:
 
     tokenizer = CLIPTokenizer.from_pretrained(flux_root, subfolder="tokenizer")
     encoder = CLIPTextModel.from_pretrained(flux_root, subfolder="text_encoder").eval()
-    tokens = tokenizer(
-        [""],
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        return encoder(input_ids=tokens.input_ids).pooler_output[0].float()
+    return clip_pooled(tokenizer, encoder, [""])[0]

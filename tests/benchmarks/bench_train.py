@@ -184,11 +184,8 @@ def measure_bare_loop(config, *, steps: int, repeats: int) -> dict:
     import torch
 
     from components.training.loader import ShardReader, load_micro_batch
-    from components.training.objective import (
-        flow_matching_step_loss,
-        set_learning_rate,
-        step_generator,
-    )
+    from components.training.objective import flow_matching_step_loss, step_generator
+    from components.training.optimizer import set_learning_rate
 
     torch.set_num_threads(1)
     medians, losses = [], []
