@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.config import PipelineConfig
-from pipelines.run_layout import RunLayout
-from pipelines.train import with_absolute_paths
+from pipelines.run_layout import RunLayout, with_absolute_paths
 from pipelines.train_tracking import metric_entities, tracking_uri
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ folders) see the same files as the driver.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipelines.config import PipelineConfig
@@ -104,3 +104,18 @@ class RunLayout:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+
+def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
+    """Workers run in their own folders: local paths the driver sees become absolute."""
+    encode = config.data.encode
+    absolute = {
+        name: str(Path(getattr(encode, name)).resolve())
+        for name in ("qwen2vl", "flux")
+        if Path(getattr(encode, name)).exists()
+    }
+    return replace(
+        config,
+        run=replace(config.run, root=str(Path(config.run.root).resolve())),
+        data=replace(config.data, encode=replace(encode, **absolute)),
+    )

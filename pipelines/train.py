@@ -9,7 +9,6 @@ under the same run name, and the parent run id is kept beside it.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from components.data import shard_format
@@ -17,23 +16,8 @@ from pipelines.config import PipelineConfig
 from pipelines.config_loading import config_hash, flatten, to_plain
 from pipelines.data_report import code_version
 from pipelines.ray_session import ray_session
-from pipelines.run_layout import RunLayout
+from pipelines.run_layout import RunLayout, with_absolute_paths
 from pipelines.train_tracking import experiment_id, stage_progress, tracking_uri
-
-
-def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
-    """Workers run in their own folders: local paths the driver sees become absolute."""
-    encode = config.data.encode
-    absolute = {
-        name: str(Path(getattr(encode, name)).resolve())
-        for name in ("qwen2vl", "flux")
-        if Path(getattr(encode, name)).exists()
-    }
-    return replace(
-        config,
-        run=replace(config.run, root=str(Path(config.run.root).resolve())),
-        data=replace(config.data, encode=replace(encode, **absolute)),
-    )
 
 
 def run_training(config: PipelineConfig):

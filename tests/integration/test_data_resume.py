@@ -23,6 +23,7 @@ def _command(root: Path, models) -> list[str]:
         "-m",
         "pipelines.cli",
         "data",
+        "--verbose",  # a failure's assertion message then shows the whole log
         "--config",
         "tiny",
         "--set",

@@ -28,6 +28,7 @@ def _command(root: Path, models, dataset: Path, *, strategy: str = "ddp") -> lis
         "-m",
         "pipelines.cli",
         "train",
+        "--verbose",  # a failure's assertion message then shows the whole log
         "--config",
         "tiny",
         "--set",

@@ -19,7 +19,7 @@ from components.training.optimizer import (
     build_optimizer,
 )
 from model.flux_stages import STAGE_BLOCKS, block_prefix
-from pipelines.train import with_absolute_paths
+from pipelines.run_layout import with_absolute_paths
 
 pytestmark = pytest.mark.integration
 
