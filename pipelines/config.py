@@ -151,6 +151,11 @@ class TrainResourcesConfig:
         if self.mixed_precision not in ("auto", "bf16", "fp32"):
             raise ValueError("mixed_precision must be auto, bf16 or fp32")
 
+    def computes_in_bf16(self, *, on_gpu: bool) -> bool:
+        """bf16 compute on GPU for "auto", wherever asked for "bf16"; plain fp32 otherwise.
+        Master weights, gradients and AdamW states stay fp32 either way."""
+        return self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and on_gpu)
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrainConfig:

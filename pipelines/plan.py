@@ -168,7 +168,6 @@ def training_setup(config: PipelineConfig) -> tuple[TrainingSetup, Bucket, str]:
     and peak; a worker trains on one device however many it reserves."""
     train, resources, plan = config.train, config.train.resources, config.plan
     share = resources.gpus_per_worker if 0 < resources.gpus_per_worker < 1 else 1.0
-    precision = resources.mixed_precision
     image_tokens, bucket = flux_image_tokens(config.data.buckets)
     conditioning = config.data.encode.image_tokens
     caption = plan.caption_prompt_tokens
@@ -180,7 +179,7 @@ def training_setup(config: PipelineConfig) -> tuple[TrainingSetup, Bucket, str]:
         image_tokens=image_tokens,
         text_tokens=text_tokens,
         encoder_prompt_tokens=(conditioning + plan.image_prompt_extra_tokens, caption),
-        compute_bf16=precision == "bf16" or (precision == "auto" and resources.gpus_per_worker > 0),
+        compute_bf16=resources.computes_in_bf16(on_gpu=resources.gpus_per_worker > 0),
         gradient_checkpointing=resources.gradient_checkpointing,
         mfu=plan.mfu,
         peak_tflops=plan.device_peak_tflops * share,

@@ -172,13 +172,6 @@ def evaluate_gate(config: PipelineConfig, parts) -> GateResult:
     return gate.evaluate_gate(parts, base=base, convention=convention, inputs=gate_inputs(config))
 
 
-def conditioning_checks(config: PipelineConfig, parts, model, *, convention) -> tuple:
-    """The gate's conditioning checks alone, on `model` (a QwenFluxModel of `parts`)."""
-    from components.evaluation import gate
-
-    return gate.conditioning_checks(parts, model, convention=convention, inputs=gate_inputs(config))
-
-
 def run_promotion(config: PipelineConfig, *, version: str | None = None):
     """`candidate` (or `version`) -> `champion` if its gate loss beats the champion's."""
     from components.inference.registry import promote

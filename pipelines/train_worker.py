@@ -39,8 +39,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     model, convention = load_training_model(
         config.data.encode, dataset_root=dataset_root, seed=config.run.seed, device=device
     )
+    settings = loop_config(config, device=device)
     if resources.strategy == "fsdp":
-        shard_model(model, device=device, compute_bf16=compute_bf16(resources, device))
+        shard_model(model, device=device, compute_bf16=settings.compute_bf16)
     else:
         model.to(device)
     set_gradient_checkpointing(model.transformer, enabled=resources.gradient_checkpointing)
@@ -54,7 +55,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     )
     loop = TrainingLoop(
         model,
-        config=loop_config(config, device=device),
+        config=settings,
         convention=convention,
         data=data,
         collectives=collectives,
@@ -88,12 +89,5 @@ def loop_config(config: PipelineConfig, *, device: torch.device) -> LoopConfig:
         validate_every_steps=train.validate_every_steps,
         checkpoint_every_steps=train.checkpoint_every_steps,
         seed=config.run.seed,
-        compute_bf16=compute_bf16(train.resources, device),
+        compute_bf16=train.resources.computes_in_bf16(on_gpu=device.type == "cuda"),
     )
-
-
-def compute_bf16(resources, device: torch.device) -> bool:
-    """bf16 compute on GPU for "auto", wherever asked for "bf16"; plain fp32 otherwise.
-    Master weights, gradients and AdamW states stay fp32 either way."""
-    mode = resources.mixed_precision
-    return mode == "bf16" or (mode == "auto" and device.type == "cuda")

@@ -27,9 +27,7 @@ def load_modules(encode: EncodeConfig, *, seed: int) -> QwenFluxModel:
     transformer, Qwen2-VL's last layer + norm, a connector drawn from `seed` (on the CPU)."""
     from diffusers import FluxTransformer2DModel
 
-    flux = resolve_checkpoint(
-        encode.flux, revision=encode.flux_revision, root_file="model_index.json", required=()
-    )
+    flux = _flux_checkpoint(encode)
     transformer = FluxTransformer2DModel.from_pretrained(flux.path, subfolder="transformer")
     tail = load_qwen2vl_tail(encode.qwen2vl, revision=encode.qwen2vl_revision)
     torch.manual_seed(seed)
@@ -42,9 +40,7 @@ def latent_convention(
 ) -> LatentConvention:
     """The dataset's VAE factors (its manifest) and the empty prompt's pooled vector (on
     `device`)."""
-    flux = resolve_checkpoint(
-        encode.flux, revision=encode.flux_revision, root_file="model_index.json", required=()
-    )
+    flux = _flux_checkpoint(encode)
     scaling, shift = shard_format.vae_factors(shard_format.read_manifest(dataset_root))
     return LatentConvention(
         codec=LatentCodec(scaling_factor=scaling, shift_factor=shift),
@@ -67,3 +63,9 @@ def empty_prompt_pooled(flux_root: Path) -> torch.Tensor:
     tokenizer = CLIPTokenizer.from_pretrained(flux_root, subfolder="tokenizer")
     encoder = CLIPTextModel.from_pretrained(flux_root, subfolder="text_encoder").eval()
     return clip_pooled(tokenizer, encoder, [""])[0]
+
+
+def _flux_checkpoint(encode: EncodeConfig):
+    return resolve_checkpoint(
+        encode.flux, revision=encode.flux_revision, root_file="model_index.json", required=()
+    )

@@ -54,10 +54,11 @@ def test_conditioning_checks_fail_the_untrained_model_and_a_20_step_one_fails_va
     # which must score near chance on both. The session's 20-step model must fail variation
     # (which needs a few hundred steps); its text accuracy is printed, not asserted (measured
     # 0.21 over 48, needs 0.28; 0.38 with guidance 3, which the preset uses for variation only).
+    from components.evaluation.gate import conditioning_checks
     from components.inference.package import load_package
     from components.training.model_loading import load_training_model
     from pipelines.config import load_config
-    from pipelines.register import conditioning_checks, evaluate_gate
+    from pipelines.register import evaluate_gate, gate_inputs
     from pipelines.run_layout import RunLayout
 
     config, result = registered
@@ -90,7 +91,7 @@ def test_conditioning_checks_fail_the_untrained_model_and_a_20_step_one_fails_va
         connector=untrained.connector,
     )
     for untrained_check in conditioning_checks(
-        strict, untrained_parts, untrained, convention=convention
+        untrained_parts, untrained, convention=convention, inputs=gate_inputs(strict)
     ):
         print("untrained:", untrained_check.message())
         assert not untrained_check.passed
