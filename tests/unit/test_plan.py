@@ -108,8 +108,10 @@ def test_a_checkpoint_the_plan_cannot_read_is_a_clear_error(capsys, tmp_path):
     assert main(["plan", "--set", "data.encode.qwen2vl=some/other-model"]) == 2
     error = capsys.readouterr().err
     assert "data.encode.qwen2vl" in error and "some/other-model" in error
+    _tiny_model_configs(tmp_path)
     missing = tmp_path / "tiny-models" / "flux"
-    assert main(["plan", "--config", "tiny", "--set", f"data.encode.flux={missing}"]) == 2
+    overrides = [f"data.encode.qwen2vl={tmp_path / 'qwen2-vl'}", f"data.encode.flux={missing}"]
+    assert main(["plan", "--config", "tiny", *(a for o in overrides for a in ("--set", o))]) == 2
     error = capsys.readouterr().err
     assert "data.encode.flux" in error and "qwenflux tiny-models" in error
 
