@@ -1,5 +1,9 @@
 """`qwenflux`: the command line of the pipeline.
 
+    qwenflux run all|data|train|register|promote|infer --config PRESET [--from STEP] [--run-id ID]
+                                                    the workflow: every step the target needs,
+                                                    skipping unchanged ones, resuming a failed run
+    qwenflux status [RUN_ID] --config PRESET       a workflow run's steps, outputs and links
     qwenflux tiny-models --out DIR [--seed N]      build the tiny random checkpoints
     qwenflux data --config PRESET [--set k=v]      run or resume the data pipeline
     qwenflux train --config PRESET [--set k=v]     run or resume the three-stage fine-tune
@@ -14,7 +18,8 @@
     qwenflux show-config --config PRESET           the resolved config, after overrides
     qwenflux plan [--config a100x8] [--set k=v]    memory, FLOPs and days per stage of a preset
 
-Long-running commands (data, train, register, promote, infer, demo) are quiet: the terminal
+The single-step commands below run one step outside any workflow run (no markers, no skipping).
+Long-running commands (run, data, train, register, promote, infer, demo) are quiet: the terminal
 shows their progress and summary, everything else goes to <run.root>/logs/<command>.log
 (`--verbose` shows it all). Heavy libraries are imported inside the commands so
 `qwenflux --help` stays fast.
@@ -31,7 +36,8 @@ from pipelines.config_loading import ConfigError, to_plain
 from pipelines.console import complain, quiet_run, say
 from pipelines.environment import apply_quiet_environment
 
-QUIET_COMMANDS = ("data", "train", "register", "promote", "infer", "demo")
+QUIET_COMMANDS = ("run", "data", "train", "register", "promote", "infer", "demo")
+WORKFLOW_TARGETS = ("all", "data", "train", "register", "promote", "infer")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
     configured = {}
     for name, help_text in (
+        ("run", "run or resume the workflow up to a target step"),
+        ("status", "show a workflow run's steps, outputs and links"),
         ("data", "run or resume the data pipeline"),
         ("train", "run or resume the three-stage fine-tune on Ray Train"),
         ("register", "export the trained model, run the gate, register a version"),
@@ -75,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
             help="override a config key, e.g. --set data.resources.num_encoders=4",
         )
         configured[name] = command
+    configured["run"].add_argument("target", choices=WORKFLOW_TARGETS, help="last step to run")
+    configured["run"].add_argument(
+        "--from", dest="from_step", default=None, help="run this step and later ones afresh"
+    )
+    configured["run"].add_argument(
+        "--run-id", default=None, help="workflow run id (default: resume or <preset>-<time>)"
+    )
+    configured["status"].add_argument("run_id", nargs="?", default=None, help="default: latest")
     configured["promote"].add_argument("--version", help="version to promote (default: candidate)")
     for name in QUIET_COMMANDS:
         configured[name].add_argument(
@@ -112,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show-config":
             print(json.dumps(to_plain(config), indent=2))
             return 0
+        if args.command == "status":
+            return _status(config, args.run_id)
         if args.command in QUIET_COMMANDS:
             return _quietly(config, args)
         return _generate(config, args)
@@ -137,6 +155,7 @@ def _quietly(config, args: argparse.Namespace) -> int:
 
 def _dispatch(config, args: argparse.Namespace) -> int:
     commands = {
+        "run": lambda: _run(config, args.target, run_id=args.run_id, from_step=args.from_step),
         "demo": lambda: _demo(config),
         "data": lambda: _data(config),
         "train": lambda: _train(config),
@@ -145,6 +164,41 @@ def _dispatch(config, args: argparse.Namespace) -> int:
         "infer": lambda: _infer(config, args.model, args.requests, args.out),
     }
     return commands[args.command]()
+
+
+def _run(config, target: str, *, run_id: str | None = None, from_step: str | None = None) -> int:
+    from pipelines.ray_session import ray_session
+    from pipelines.run_layout import RunLayout
+    from pipelines.workflow import run_workflow
+    from pipelines.workflow_status import format_status
+    from pipelines.workflow_steps import STEPS
+    from pipelines.workflow_tracking import WorkflowTracker
+
+    tracker = WorkflowTracker(config)
+    with ray_session(config.run, temp_root=RunLayout(config).root) as dashboard:
+        record = run_workflow(
+            config,
+            target=target,
+            steps=STEPS,
+            tracker=tracker,
+            run_id=run_id,
+            from_step=from_step,
+            annotations={"ray_dashboard": dashboard},
+            report=say,
+        )
+    say(format_status(record, run_link=tracker.run_link))
+    return 0
+
+
+def _status(config, run_id: str | None) -> int:
+    from pipelines.run_layout import RunLayout
+    from pipelines.workflow import WorkflowStore
+    from pipelines.workflow_status import find_record, format_status
+    from pipelines.workflow_tracking import WorkflowTracker
+
+    record = find_record(WorkflowStore(RunLayout(config)), run_id)
+    print(format_status(record, run_link=WorkflowTracker(config).run_link))
+    return 0
 
 
 def _tiny_models(out: Path, seed: int) -> int:
@@ -223,34 +277,28 @@ def _generate(config, args: argparse.Namespace) -> int:
 
 
 def _demo(config) -> int:
+    from dataclasses import replace
+
+    from pipelines.data import write_demo_corpus
     from pipelines.demo_requests import write_demo_requests
-    from pipelines.register import run_promotion, run_registration
     from pipelines.run_layout import RunLayout
 
     qwen_dir = Path(config.data.encode.qwen2vl)
     flux_dir = Path(config.data.encode.flux)
     if qwen_dir.parent != flux_dir.parent:
         raise ConfigError("demo builds tiny models: data.encode.qwen2vl and .flux need one parent")
+    if config.data.source.url_list:
+        raise ConfigError("demo runs on the synthetic corpus: data.source.url_list must be empty")
     _tiny_models(qwen_dir.parent, config.run.seed)
-    _data(config)
-    _train(config)
-    registration = run_registration(config)
-    say(registration.format())
     layout = RunLayout(config)
-    if registration.version is not None:
-        say(run_promotion(config).message)
-        requests = write_demo_requests(layout.demo_requests, data_root=layout.dataset_root)
-        model = f"models:/{config.registry.model_name}@champion"
-        _infer(config, model, requests, layout.inference)
+    write_demo_corpus(config)
+    requests = write_demo_requests(layout.demo_requests, data_root=layout.data.data)
+    config = replace(config, infer=replace(config.infer, requests_file=str(requests)))
+    _run(config, "all")
     say(f"\nrun directory: {layout.root}")
     say(f"shards:        {layout.dataset_root / 'shards'}")
     say(f"checkpoints:   {layout.train_storage}")
-    say(f"images:        {layout.inference / 'images'}")
-    say(f"results:       {layout.inference / 'results.parquet'}")
+    say(f"inference:     {layout.inference}")
     say(f"MLflow UI:     mlflow ui --backend-store-uri {layout.tracking_uri}")
-    say(f"full logs:     {layout.logs}")
-    return 0 if registration.version is not None else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    say(f"status:        qwenflux status --config {config.run.name}")
+    return 0

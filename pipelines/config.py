@@ -251,6 +251,9 @@ class InferConfig:
     depth_detector: str = ""
     """Depth estimator (transformers AutoModelForDepthEstimation layout) for 'depth' controls
     given as source pictures; empty = only preprocessed depth maps are accepted."""
+    requests_file: str = ""
+    """Requests file (Parquet or JSONL) batch inference generates in `qwenflux run all`, on the
+    champion; empty = the workflow has no inference step."""
     requests: RequestDefaults
 
     def __post_init__(self) -> None:

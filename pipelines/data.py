@@ -83,8 +83,8 @@ def _served_source(config: PipelineConfig, layout: DataLayout) -> Iterator[tuple
     source_config = config.data.source
     url_list, serve_dir = source_config.url_list, source_config.serve_dir
     if not url_list:
-        serve_dir = str(layout.data / "corpus")
-        url_list = str(_write_demo_corpus(Path(serve_dir), config))
+        url_list = str(write_demo_corpus(config))
+        serve_dir = str(Path(url_list).parent)
     source = read_url_list(Path(url_list))
     if not serve_dir:
         yield source, ""
@@ -93,9 +93,12 @@ def _served_source(config: PipelineConfig, layout: DataLayout) -> Iterator[tuple
         yield source, server.base_url
 
 
-def _write_demo_corpus(folder: Path, config: PipelineConfig) -> Path:
+def write_demo_corpus(config: PipelineConfig) -> Path:
+    """The synthetic corpus a run without a url list downloads: written once (deterministic from
+    the seed) into <root>/data/corpus/; returns its url list."""
     from components.data.demo_corpus import write_synthetic_corpus, write_url_list
 
+    folder = DataLayout(Path(config.run.root)).data / "corpus"
     url_list = folder / "urls.parquet"
     if not url_list.exists():
         items = write_synthetic_corpus(
@@ -108,8 +111,9 @@ def _write_demo_corpus(folder: Path, config: PipelineConfig) -> Path:
     return url_list
 
 
-def _state_fingerprint(config: DataConfig) -> str:
-    """What a resumed run must share with the run that made its files."""
+def state_fingerprint(config: DataConfig) -> str:
+    """What a resumed run must share with the run that made its files (the encoder pool's
+    size and placement are not part of it)."""
     resources = replace(
         config.resources, num_encoders=1, cpus_per_encoder=1.0, gpus_per_encoder=0.0
     )
@@ -117,7 +121,7 @@ def _state_fingerprint(config: DataConfig) -> str:
 
 
 def _check_state(layout: DataLayout, config: DataConfig, source: pa.Table) -> None:
-    state = {"config_hash": _state_fingerprint(config), "source_sha256": table_sha256(source)}
+    state = {"config_hash": state_fingerprint(config), "source_sha256": table_sha256(source)}
     if layout.state.exists():
         previous = json.loads(layout.state.read_text())
         for key, value in state.items():

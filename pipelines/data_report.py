@@ -192,7 +192,8 @@ def _encoder_description(layout: DataLayout) -> dict[str, Any]:
 
 
 def _dataset_id(shard_entries: list[dict[str, Any]], config) -> str:
-    digest = hashlib.sha256(config_hash(config).encode())
+    """Names what the shards hold: the data config and the shard list (not the train config)."""
+    digest = hashlib.sha256(config_hash(config.data).encode())
     for entry in shard_entries:
         digest.update(f"{entry['path']}:{entry['num_rows']}".encode())
     return digest.hexdigest()[:16]

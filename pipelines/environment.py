@@ -25,3 +25,8 @@ def apply_quiet_environment() -> None:
     """Set every QUIET_ENV variable the environment does not already set."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def ray_job_address() -> str:
+    """The cluster a Ray job's entrypoint runs on (Ray sets RAY_ADDRESS for it); "" elsewhere."""
+    return os.environ.get("RAY_ADDRESS", "")

@@ -1,8 +1,10 @@
 """Starting and reaching Ray the same way for laptops, CI and clusters.
 
-`ray_session(run)` joins `run.ray_address` when set, or starts an in-process cluster whose temp
-folder lives under the run directory (nothing is written to the shared system temp or home).
-A session that is already initialised (a test fixture, a Ray job) is reused and left running.
+`ray_session(run)` joins `run.ray_address` when set (or the cluster a Ray job runs on: the job's
+RAY_ADDRESS), else starts an in-process cluster whose temp folder lives under the run directory
+(nothing is written to the shared system temp or home). A session that is already initialised
+(a test fixture, an enclosing workflow) is reused and left running. It yields the cluster's
+dashboard URL ("" when it has none: the in-process cluster starts no dashboard).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipelines.environment import QUIET_ENV, apply_quiet_environment
+from pipelines.environment import QUIET_ENV, apply_quiet_environment, ray_job_address
 
 # Ray puts unix sockets at <temp>/session_<date>_<pid>/sockets/plasma_store (~62 more bytes) and
 # the kernel caps such paths at 107 bytes: deep run folders get a short temp root instead.
@@ -35,21 +37,27 @@ def local_temp_dir(temp_root: Path) -> str:
     return str(candidate)
 
 
+_dashboard_url = ""
+"""The dashboard of the session this process started (reused sessions report it too)."""
+
+
 @contextlib.contextmanager
-def ray_session(run, *, temp_root: Path) -> Iterator[None]:
-    """Ray for the duration of a pipeline step (see module docstring)."""
+def ray_session(run, *, temp_root: Path) -> Iterator[str]:
+    """Ray for the duration of a pipeline step or workflow (see module docstring)."""
     import ray
 
+    global _dashboard_url
     if ray.is_initialized():
-        yield
+        yield _dashboard_url
         return
     apply_quiet_environment()
     # Workers on a cluster do not inherit the driver's environment: hand them the same one.
     env_vars = {key: os.environ[key] for key in QUIET_ENV}
-    if run.ray_address:
-        ray.init(address=run.ray_address, log_to_driver=True, runtime_env={"env_vars": env_vars})
+    address = run.ray_address or ray_job_address()
+    if address:
+        context = ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars})
     else:
-        ray.init(
+        context = ray.init(
             num_cpus=run.local_num_cpus,
             include_dashboard=False,
             _temp_dir=local_temp_dir(temp_root),
@@ -59,9 +67,12 @@ def ray_session(run, *, temp_root: Path) -> Iterator[None]:
                 "worker_process_setup_hook": f"{__name__}.quiet_local_worker",
             },
         )
+    url = context.dashboard_url or ""
+    _dashboard_url = url if not url or "://" in url else f"http://{url}"
     try:
-        yield
+        yield _dashboard_url
     finally:
+        _dashboard_url = ""
         ray.shutdown()
 
 

@@ -3,7 +3,7 @@
     qwenflux register --config tiny      (make demo runs it after training)
     qwenflux promote --config tiny [--version N]
 
-`run_registration(config)`:
+`run_registration(config)` (of the training of the current dataset, or the one named):
 1. finds the training's final checkpoint (last stage, last step) in `train.storage_path`;
 2. exports the model package (components/inference/package.py) to <run.root>/packages/<parent run>;
 3. evaluates the gate (components/evaluation/gate.py) on the package as loaded back (what
@@ -51,7 +51,7 @@ class RegistrationResult:
         return "\n".join(lines)
 
 
-def final_checkpoint(config: PipelineConfig) -> Path:
+def final_checkpoint(config: PipelineConfig, training: str) -> Path:
     """The latest checkpoint folder whose state says the last stage's last step is done."""
     layout = RunLayout(config)
     storage = layout.train_storage
@@ -63,33 +63,36 @@ def final_checkpoint(config: PipelineConfig) -> Path:
     final_steps = config.train.stages[-1].num_steps
     found = [
         folder
-        for folder, state in layout.checkpoint_states()
+        for folder, state in layout.checkpoint_states(training)
         if state.get("stage_index") == last and state.get("next_step") == final_steps
     ]
     if not found:
         raise TrainingNotFinishedError(
-            f"no final checkpoint (stage {last + 1}, step {final_steps}) under {storage}: "
-            "run `qwenflux train` with this config first"
+            f"no final checkpoint (stage {last + 1}, step {final_steps}) of training "
+            f"{training} under {storage}: run `qwenflux train` with this config first"
         )
     return found[-1]
 
 
-def training_run_id(config: PipelineConfig) -> str:
-    marker = RunLayout(config).parent_run_marker
+def training_run_id(config: PipelineConfig, training: str) -> str:
+    marker = RunLayout(config).training_marker(training)
     if not marker.is_file():
-        raise TrainingNotFinishedError(f"{marker} is missing: no training ran in {config.run.root}")
+        raise TrainingNotFinishedError(
+            f"{marker} is missing: training {training} never ran in {config.run.root}"
+        )
     return json.loads(marker.read_text())["run_id"]
 
 
-def run_registration(config: PipelineConfig) -> RegistrationResult:
+def run_registration(config: PipelineConfig, *, training: str | None = None) -> RegistrationResult:
     """Export, gate and (if passed) register; see the module docstring."""
     from mlflow.tracking import MlflowClient
 
     from components.inference.package import export_package, load_package
 
     config = with_absolute_paths(config)
-    checkpoint = final_checkpoint(config)
-    run_id = training_run_id(config)
+    training = training or RunLayout(config).current_training_name()
+    checkpoint = final_checkpoint(config, training)
+    run_id = training_run_id(config, training)
     client = MlflowClient(tracking_uri(config))
     lineage = _lineage(client, run_id)
     package_dir = RunLayout(config).package_dir(run_id)

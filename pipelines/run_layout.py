@@ -2,9 +2,10 @@
 
     <root>/data/...                  the data pipeline's files (pipelines/data_layout.py), unless
                                      train.dataset names another dataset root
-    <root>/train/<name>-train/       Ray Train's storage: checkpoint_*/ folders (train.storage_path
+    <root>/train/<training>/         Ray Train's storage: checkpoint_*/ folders (train.storage_path
                                      may move it, to a local folder or s3:// / gs://)
-    <root>/train_parent_run.json     the training's MLflow parent run (kept for resume)
+    <root>/trainings/<training>.json the training's MLflow parent run (kept for resume)
+    <root>/workflow/                 workflow runs (runs/<id>.json) and step markers (steps/)
     <root>/packages/<run id>/        the exported model package of a training run
     <root>/mlflow.db, mlartifacts/   SQLite tracking store and artifacts (unless tracking.* says)
     <root>/demo-requests/            the demo's request file and its images
@@ -18,14 +19,13 @@ folders) see the same files as the driver.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipelines.config import PipelineConfig
 from pipelines.data_layout import DataLayout
-
-PARENT_MARKER = "train_parent_run.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,31 +54,49 @@ class RunLayout:
         path = self.config.train.storage_path or str(self.root / "train")
         return path if "://" in path else str(Path(path).resolve())
 
-    @property
-    def train_run_name(self) -> str:
-        """Ray Train's run name (its folder under the storage, and the MLflow parent's prefix)."""
-        return f"{self.config.run.name}-train"
+    def training_name(self, dataset_id: str, *, salt: str = "") -> str:
+        """The name of the training of this train config on dataset `dataset_id`: Ray Train's
+        run name (its folder under the storage) and the MLflow parent's prefix. A changed train
+        config or dataset trains afresh under a new name; the same ones resume. `salt` (a
+        workflow run id) forces a fresh training of unchanged inputs."""
+        from pipelines.config_loading import config_hash
+
+        # Where the dataset and checkpoints live is not what is trained: leave them out.
+        train = replace(self.config.train, dataset="", storage_path="")
+        key = f"{config_hash(train)}:{dataset_id}:{salt}"
+        return f"{self.config.run.name}-train-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+    def current_training_name(self) -> str:
+        """The unsalted training name for the dataset training reads now."""
+        from components.data import shard_format
+
+        return self.training_name(shard_format.read_manifest(self.dataset_root)["dataset_id"])
 
     @property
     def is_storage_local(self) -> bool:
         return "://" not in self.train_storage
 
-    def checkpoint_states(self) -> list[tuple[Path, dict]]:
-        """(folder, state.json contents) of this training's checkpoints, oldest first, when
-        the storage is local; empty for object storage (s3://, gs://)."""
+    def checkpoint_states(self, training: str) -> list[tuple[Path, dict]]:
+        """(folder, state.json contents) of a training's checkpoints, oldest first, when the
+        storage is local; empty for object storage (s3://, gs://)."""
         from components.training.checkpoint_state import STATE_FILE
 
         if not self.is_storage_local:
             return []
-        run_dir = Path(self.train_storage) / self.train_run_name
+        run_dir = Path(self.train_storage) / training
         return [
             (state_file.parent, json.loads(state_file.read_text()))
             for state_file in sorted(run_dir.glob(f"checkpoint_*/{STATE_FILE}"))
         ]
 
+    def training_marker(self, training: str) -> Path:
+        """The training's MLflow parent run id and inputs (written when it starts)."""
+        return self.root / "trainings" / f"{training}.json"
+
     @property
-    def parent_run_marker(self) -> Path:
-        return self.root / PARENT_MARKER
+    def workflow(self) -> Path:
+        """Workflow run records (runs/<id>.json) and step completion markers (steps/)."""
+        return self.root / "workflow"
 
     def package_dir(self, training_run_id: str) -> Path:
         return self.root / "packages" / training_run_id

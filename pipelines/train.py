@@ -1,15 +1,19 @@
 """The training workflow: three stages on Ray Train over the cached shards, tracked in MLflow.
 
 `run_training(config)` opens (or reopens, on resume) the MLflow parent run, then runs one
-TorchTrainer whose workers walk the stages (pipelines/train_worker.py). Rerunning the same
-command after a crash resumes: Ray Train finds the run's latest checkpoint in `storage_path`
-under the same run name, and the parent run id is kept beside it.
+TorchTrainer whose workers walk the stages (pipelines/train_worker.py). A training is named by
+its train config and the dataset it reads (`RunLayout.training_name`): rerunning the same
+command after a crash resumes (Ray Train finds the latest checkpoint under the same name, and
+the parent run id is kept in <root>/trainings/<name>.json); a changed config or dataset trains
+afresh under a new name, beside the earlier trainings.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from components.data import shard_format
 from pipelines.config import PipelineConfig
@@ -20,8 +24,22 @@ from pipelines.run_layout import RunLayout, with_absolute_paths
 from pipelines.train_tracking import experiment_id, stage_progress, tracking_uri
 
 
-def run_training(config: PipelineConfig):
-    """Train (or resume) all stages; returns Ray Train's Result."""
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainingRun:
+    """A finished training: its name, MLflow parent run, dataset and Ray Train result."""
+
+    name: str
+    parent_run_id: str
+    dataset_id: str
+    result: Any
+    """ray.train.Result (checkpoint, metrics)."""
+
+
+def run_training(
+    config: PipelineConfig, *, workflow_run_id: str | None = None, salt: str = ""
+) -> TrainingRun:
+    """Train (or resume) all stages. `workflow_run_id` nests the training's MLflow parent run
+    under a workflow run; `salt` forces a fresh training (see RunLayout.training_name)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -31,7 +49,9 @@ def run_training(config: PipelineConfig):
     layout = RunLayout(config)
     root = layout.dataset_root
     manifest = preflight(config, root)
-    parent_run_id = _parent_run(config, manifest, run_name=layout.train_run_name)
+    name = layout.training_name(manifest["dataset_id"], salt=salt)
+    _check_checkpoint_format(layout, name)
+    parent_run_id = _parent_run(config, manifest, name=name, workflow_run_id=workflow_run_id)
     resources = config.train.resources
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -49,7 +69,7 @@ def run_training(config: PipelineConfig):
             },
         ),
         run_config=RunConfig(
-            name=layout.train_run_name,
+            name=name,
             storage_path=layout.train_storage,
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -61,7 +81,9 @@ def run_training(config: PipelineConfig):
     _close_parent(config, parent_run_id, failed=result.error is not None)
     if result.error is not None:
         raise result.error
-    return result
+    return TrainingRun(
+        name=name, parent_run_id=parent_run_id, dataset_id=manifest["dataset_id"], result=result
+    )
 
 
 class DatasetModelMismatchError(ValueError):
@@ -92,16 +114,15 @@ def preflight(config: PipelineConfig, root: Path) -> dict:
             f"(revision {qwen.revision_id}); re-encode the data or point data.encode.qwen2vl "
             "at the checkpoint that encoded it"
         )
-    _check_checkpoint_format(config)
     return manifest
 
 
-def _check_checkpoint_format(config: PipelineConfig) -> None:
+def _check_checkpoint_format(layout: RunLayout, name: str) -> None:
     """Checkpoints an older trainer wrote in this run's storage would fail in every worker
     (and be retried max_failures times): refuse them here, once, by name."""
     from components.training.checkpoint_state import CHECKPOINT_FORMAT
 
-    for folder, state in RunLayout(config).checkpoint_states():
+    for folder, state in layout.checkpoint_states(name):
         found = state.get("format")
         if found != CHECKPOINT_FORMAT:
             raise ValueError(
@@ -110,38 +131,42 @@ def _check_checkpoint_format(config: PipelineConfig) -> None:
             )
 
 
-def _parent_run(config: PipelineConfig, manifest: dict, *, run_name: str) -> str:
-    """The parent run of this training: reopened from the run folder on resume."""
+def _parent_run(
+    config: PipelineConfig, manifest: dict, *, name: str, workflow_run_id: str | None
+) -> str:
+    """The parent run of this training: reopened from its marker on resume."""
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
-    marker = RunLayout(config).parent_run_marker
+    marker = RunLayout(config).training_marker(name)
     client = MlflowClient(tracking_uri=tracking_uri(config))
     if marker.exists():
-        parent = json.loads(marker.read_text())
-        if parent["config_hash"] != config_hash(config.train):
-            raise ValueError(
-                f"{marker}: a training with a different train config already lives in "
-                f"{config.run.root}; resume needs the same config, or choose a new run.root"
-            )
-        client.update_run(parent["run_id"], status="RUNNING")
-        return parent["run_id"]
+        run_id = json.loads(marker.read_text())["run_id"]
+        client.update_run(run_id, status="RUNNING")
+        return run_id
     version = code_version()
+    tags = {
+        "git_sha": version["git_sha"],
+        "config_hash": config_hash(config),
+        "data_manifest_id": str(manifest.get("dataset_id", "")),
+        "preset": config.run.name,
+        "training": name,
+    }
+    if workflow_run_id:
+        tags |= {"mlflow.parentRunId": workflow_run_id, "workflow_step": "train"}
     run = client.create_run(
-        experiment_id(client, config),
-        run_name=f"{run_name}-{version['git_sha']}",
-        tags={
-            "git_sha": version["git_sha"],
-            "config_hash": config_hash(config),
-            "data_manifest_id": str(manifest.get("dataset_id", "")),
-            "preset": config.run.name,
-        },
+        experiment_id(client, config), run_name=f"{name}-{version['git_sha']}", tags=tags
     )
     params = [Param(key, str(value)[:6000]) for key, value in flatten(config).items()]
     for start in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[start : start + 100])
     shard_format.write_json_atomic(
-        marker, {"run_id": run.info.run_id, "config_hash": config_hash(config.train)}
+        marker,
+        {
+            "run_id": run.info.run_id,
+            "config_hash": config_hash(config.train),
+            "dataset_id": manifest.get("dataset_id"),
+        },
     )
     return run.info.run_id
 

@@ -58,27 +58,29 @@ FAST_TRAINING = (
 )
 
 
-def tiny_config(root: Path, models: TinyModelPaths, *overrides: str):
-    """The tiny preset pointed at a test's run folder and the session's tiny checkpoints, with
-    FAST_TRAINING (later overrides win)."""
-    from pipelines.config import load_config
-
+def tiny_overrides(root: Path, models: TinyModelPaths, *overrides: str) -> list[str]:
+    """The `--set` overrides that point the tiny preset at a test's run folder and the
+    session's tiny checkpoints, with FAST_TRAINING (later overrides win)."""
     frozen_bases = [
         f"infer.{key}={path}"
         for key, path in (("controlnet", models.controlnet), ("depth_detector", models.depth))
         if path is not None
     ]
-    return load_config(
-        "tiny",
-        [
-            f"run.root={root}",
-            f"data.encode.qwen2vl={models.qwen2vl}",
-            f"data.encode.flux={models.flux}",
-            *frozen_bases,
-            *FAST_TRAINING,
-            *overrides,
-        ],
-    )
+    return [
+        f"run.root={root}",
+        f"data.encode.qwen2vl={models.qwen2vl}",
+        f"data.encode.flux={models.flux}",
+        *frozen_bases,
+        *FAST_TRAINING,
+        *overrides,
+    ]
+
+
+def tiny_config(root: Path, models: TinyModelPaths, *overrides: str):
+    """The tiny preset with `tiny_overrides`."""
+    from pipelines.config import load_config
+
+    return load_config("tiny", tiny_overrides(root, models, *overrides))
 
 
 @pytest.fixture(scope="session")
@@ -114,9 +116,12 @@ def dataset_root(request) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_trained_run(tmp_path_factory, tiny_models_dir, tiny_data_run, ray_local):
-    """The tiny preset trained once per session (2 Ray Train workers, three stages) on the tiny
-    dataset: (config, Ray Train Result). Training, registry and inference tests share it."""
-    from pipelines.train import run_training
+    """The tiny preset trained once per session by the workflow (`run train`: 2 Ray Train
+    workers, three stages) on the tiny dataset: (config, the train step's outputs). Training,
+    registry, inference and workflow tests share it."""
+    from pipelines.workflow import run_workflow
+    from pipelines.workflow_steps import STEPS
+    from pipelines.workflow_tracking import WorkflowTracker
 
     data_config, _ = tiny_data_run
     config = tiny_config(
@@ -124,7 +129,10 @@ def tiny_trained_run(tmp_path_factory, tiny_models_dir, tiny_data_run, ray_local
         tiny_models_dir,
         f"train.dataset={Path(data_config.run.root) / 'data'}",
     )
-    return config, run_training(config)
+    record = run_workflow(
+        config, target="train", steps=STEPS, tracker=WorkflowTracker(config), report=print
+    )
+    return config, record["steps"]["train"]["outputs"]
 
 
 def untrained_generator_parts(models: TinyModelPaths, **extra):

@@ -10,6 +10,7 @@ import pytest
 from components.checkpoints import CheckpointNotFoundError
 from components.data.shard_format import ShardFormatError
 from components.training.loader import LoaderError
+from pipelines.run_layout import RunLayout
 from pipelines.train import DatasetModelMismatchError, run_training
 
 pytestmark = pytest.mark.integration
@@ -87,7 +88,8 @@ def test_checkpoints_of_an_older_format_are_refused_before_any_worker_starts(
     config = _config(
         make_tiny_config, tmp_path, tiny_models_dir, dataset_copy, f"train.storage_path={storage}"
     )
-    old = storage / f"{config.run.name}-train" / "checkpoint_2026-01-01_00-00-00.000000"
+    training = RunLayout(config).current_training_name()
+    old = storage / training / "checkpoint_2026-01-01_00-00-00.000000"
     old.mkdir(parents=True)
     (old / "state.json").write_text(json.dumps({"stage_index": 0, "next_step": 2}))
     with pytest.raises(ValueError, match=f"{old.name} has format None"):

@@ -19,13 +19,20 @@ def trained(tiny_trained_run):
 
 
 def test_three_stages_train_and_the_loss_falls(trained):
-    config, result = trained
+    config, training = trained
     client = MlflowClient(tracking_uri(config))
     experiment = client.get_experiment_by_name("train")
     runs = client.search_runs([experiment.experiment_id])
-    parents = [run for run in runs if "stage" not in run.data.tags]
+    parents = [run for run in runs if "training" in run.data.tags]
     stages = {run.data.tags["stage"]: run for run in runs if "stage" in run.data.tags}
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].info.run_id == training["training_run_id"]
+    # The training nests under the workflow's train step, which nests under the workflow run.
+    step = client.get_run(parents[0].data.tags["mlflow.parentRunId"])
+    assert step.data.tags["workflow_step"] == "train"
+    assert client.get_run(step.data.tags["mlflow.parentRunId"]).data.tags["workflow_target"] == (
+        "train"
+    )
     assert set(stages) == {"stage1", "stage2", "stage3"}
     assert {run.info.status for run in stages.values()} == {"FINISHED"}
     for stage in config.train.stages:
@@ -44,9 +51,8 @@ def test_three_stages_train_and_the_loss_falls(trained):
 
 
 def test_final_checkpoint_holds_every_trained_part(trained):
-    _, result = trained
-    with result.checkpoint.as_directory() as folder:
-        weights = load_file(str(Path(folder) / "weights.safetensors"))
+    _, training = trained
+    weights = load_file(str(Path(training["checkpoint"]) / "weights.safetensors"))
     blocks = set()
     for name in weights:
         if name.startswith("transformer.transformer_blocks."):
