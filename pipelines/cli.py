@@ -167,6 +167,9 @@ def _dispatch(config, args: argparse.Namespace) -> int:
 
 
 def _run(config, target: str, *, run_id: str | None = None, from_step: str | None = None) -> int:
+    """The workflow (pipelines/workflow.py); 0 when it finished, also when the gate refused the
+    model (the register step's outputs say so)."""
+    from pipelines.environment import submission_id
     from pipelines.ray_session import ray_session
     from pipelines.run_layout import RunLayout
     from pipelines.workflow import run_workflow
@@ -183,7 +186,7 @@ def _run(config, target: str, *, run_id: str | None = None, from_step: str | Non
             tracker=tracker,
             run_id=run_id,
             from_step=from_step,
-            annotations={"ray_dashboard": dashboard},
+            annotations={"ray_dashboard": dashboard, "submission_id": submission_id()},
             report=say,
         )
     say(format_status(record, run_link=tracker.run_link))
@@ -228,8 +231,8 @@ def _train(config) -> int:
     from pipelines.train import run_training
     from pipelines.train_tracking import tracking_uri
 
-    result = run_training(config)
-    say(f"training finished: {result.checkpoint}")
+    training = run_training(config)
+    say(f"training {training.name} finished: {training.result.checkpoint.path}")
     say(f"MLflow: {tracking_uri(config)} (mlflow ui --backend-store-uri {tracking_uri(config)})")
     return 0
 
@@ -295,10 +298,23 @@ def _demo(config) -> int:
     requests = write_demo_requests(layout.demo_requests, data_root=layout.data.data)
     config = replace(config, infer=replace(config.infer, requests_file=str(requests)))
     _run(config, "all")
+    registered = _latest_record(config)["steps"]["register"]["outputs"]["version"]
     say(f"\nrun directory: {layout.root}")
     say(f"shards:        {layout.dataset_root / 'shards'}")
     say(f"checkpoints:   {layout.train_storage}")
     say(f"inference:     {layout.inference}")
     say(f"MLflow UI:     mlflow ui --backend-store-uri {layout.tracking_uri}")
     say(f"status:        qwenflux status --config {config.run.name}")
-    return 0
+    return 0 if registered is not None else 1
+
+
+def _latest_record(config) -> dict:
+    from pipelines.run_layout import RunLayout
+    from pipelines.workflow import WorkflowStore
+    from pipelines.workflow_status import find_record
+
+    return find_record(WorkflowStore(RunLayout(config)), None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

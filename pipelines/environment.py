@@ -27,6 +27,22 @@ def apply_quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+RAY_JOB_MARKER = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor for a job's entrypoint (with RAY_ADDRESS, the cluster's)."""
+
+
 def ray_job_address() -> str:
-    """The cluster a Ray job's entrypoint runs on (Ray sets RAY_ADDRESS for it); "" elsewhere."""
+    """The cluster a Ray job's entrypoint runs on; "" outside a Ray job. (A plain RAY_ADDRESS is
+    not enough: a local Ray session exports it to the processes it starts.)"""
+    if RAY_JOB_MARKER not in os.environ:
+        return ""
     return os.environ.get("RAY_ADDRESS", "")
+
+
+SUBMISSION_ID_VAR = "QWENFLUX_SUBMISSION_ID"
+"""Set by `qwenflux submit` for its job: the workflow run records which job ran it."""
+
+
+def submission_id() -> str:
+    """The Ray job this process runs as, when `qwenflux submit` started it; "" otherwise."""
+    return os.environ.get(SUBMISSION_ID_VAR, "")
