@@ -43,6 +43,36 @@ SUBMISSION_ID_VAR = "QWENFLUX_SUBMISSION_ID"
 """Set by `qwenflux submit` for its job: the workflow run records which job ran it."""
 
 
+SUBMITTED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "HF_HOME",
+    "HF_TOKEN",
+)
+"""What `qwenflux submit` hands its job from the submitter's environment, when set: the MLflow
+server and credentials, object-store credentials and endpoint, the Hugging Face cache."""
+
+
+def submitted_environment() -> dict[str, str]:
+    """The SUBMITTED_ENV variables this process has, plus the quiet environment."""
+    found = {key: os.environ[key] for key in SUBMITTED_ENV if os.environ.get(key)}
+    return {key: os.environ.get(key, value) for key, value in QUIET_ENV.items()} | found
+
+
 def submission_id() -> str:
     """The Ray job this process runs as, when `qwenflux submit` started it; "" otherwise."""
     return os.environ.get(SUBMISSION_ID_VAR, "")
+
+
+def job_submission_address() -> str:
+    """The Ray dashboard `qwenflux submit` talks to when --address is not given."""
+    return os.environ.get("RAY_JOB_SUBMISSION_ADDRESS", "")

@@ -37,6 +37,12 @@ def local_temp_dir(temp_root: Path) -> str:
     return str(candidate)
 
 
+def joins_cluster(run) -> bool:
+    """Whether `ray_session(run)` joins a running cluster (configured, or the Ray job's own)
+    rather than starting an in-process one."""
+    return bool(run.ray_address or ray_job_address())
+
+
 _dashboard_url = ""
 """The dashboard of the session this process started (reused sessions report it too)."""
 
@@ -53,9 +59,14 @@ def ray_session(run, *, temp_root: Path) -> Iterator[str]:
     apply_quiet_environment()
     # Workers on a cluster do not inherit the driver's environment: hand them the same one.
     env_vars = {key: os.environ[key] for key in QUIET_ENV}
-    address = run.ray_address or ray_job_address()
-    if address:
-        context = ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars})
+    if ray_job_address():
+        # A job's driver: its runtime_env (qwenflux submit puts the same variables in it) holds
+        # for its workers, and Ray refuses a driver runtime_env that sets the same keys again.
+        context = ray.init(address=ray_job_address(), log_to_driver=True)
+    elif run.ray_address:
+        context = ray.init(
+            address=run.ray_address, log_to_driver=True, runtime_env={"env_vars": env_vars}
+        )
     else:
         context = ray.init(
             num_cpus=run.local_num_cpus,
