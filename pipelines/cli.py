@@ -62,16 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set train.resources.num_workers=4 or plan.mfu=0.4",
     )
 
-    submit = commands.add_parser("submit", help="submit a workflow run as a Ray job")
-    submit.add_argument(
-        "--address",
-        default=None,
-        help="the cluster's dashboard, http://HEAD:8265 (default: $RAY_JOB_SUBMISSION_ADDRESS)",
-    )
-    submit.add_argument("--wait", action="store_true", help="stream the logs, return its status")
-    submit.add_argument("--python", default="python", help="the cluster's interpreter")
-    submit.add_argument("--working-dir", default="", help="code to upload (default: the image's)")
-    submit.add_argument("workflow", nargs=argparse.REMAINDER, help="-- run TARGET --config ...")
+    _add_submit(commands)
 
     configured = {}
     for name, help_text in (
@@ -97,13 +88,7 @@ def _parser() -> argparse.ArgumentParser:
             help="override a config key, e.g. --set data.resources.num_encoders=4",
         )
         configured[name] = command
-    configured["run"].add_argument("target", choices=WORKFLOW_TARGETS, help="last step to run")
-    configured["run"].add_argument(
-        "--from", dest="from_step", default=None, help="run this step and later ones afresh"
-    )
-    configured["run"].add_argument(
-        "--run-id", default=None, help="workflow run id (default: resume or <preset>-<time>)"
-    )
+    _add_run_options(configured["run"])
     configured["status"].add_argument("run_id", nargs="?", default=None, help="default: latest")
     configured["promote"].add_argument("--version", help="version to promote (default: candidate)")
     for name in QUIET_COMMANDS:
@@ -125,6 +110,29 @@ def _parser() -> argparse.ArgumentParser:
     for option, kind in (*numbers, ("cfg_scale", float)):
         one.add_argument(f"--{option.replace('_', '-')}", type=kind, default=None)
     return parser
+
+
+def _add_submit(commands) -> None:
+    submit = commands.add_parser("submit", help="submit a workflow run as a Ray job")
+    submit.add_argument(
+        "--address",
+        default=None,
+        help="the cluster's dashboard, http://HEAD:8265 (default: $RAY_JOB_SUBMISSION_ADDRESS)",
+    )
+    submit.add_argument("--wait", action="store_true", help="stream the logs, return its status")
+    submit.add_argument("--python", default="python", help="the cluster's interpreter")
+    submit.add_argument("--working-dir", default="", help="code to upload (default: the image's)")
+    submit.add_argument("workflow", nargs=argparse.REMAINDER, help="-- run TARGET --config ...")
+
+
+def _add_run_options(run) -> None:
+    run.add_argument("target", choices=WORKFLOW_TARGETS, help="last step to run")
+    run.add_argument(
+        "--from", dest="from_step", default=None, help="run this step and later ones afresh"
+    )
+    run.add_argument(
+        "--run-id", default=None, help="workflow run id (default: resume or <preset>-<time>)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
 def _quietly(config, args: argparse.Namespace) -> int:
     """Run a long command with its full log in the run directory (see the module docstring)."""
     from pipelines.run_layout import RunLayout
+    from pipelines.tracking_access import check_tracking_access
 
-    log_file = RunLayout(config).logs / f"{args.command}.log"
+    layout = RunLayout(config)
+    if args.command != "data":  # every other long command tracks or registers in MLflow
+        check_tracking_access(layout.tracking_uri)
+    log_file = layout.logs / f"{args.command}.log"
     with quiet_run(log_file, verbose=args.verbose) as logged:
         try:
             return _dispatch(config, args)

@@ -43,7 +43,7 @@ SUBMISSION_ID_VAR = "QWENFLUX_SUBMISSION_ID"
 """Set by `qwenflux submit` for its job: the workflow run records which job ran it."""
 
 
-SUBMITTED_ENV = (
+FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI",
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
@@ -58,14 +58,29 @@ SUBMITTED_ENV = (
     "HF_HOME",
     "HF_TOKEN",
 )
-"""What `qwenflux submit` hands its job from the submitter's environment, when set: the MLflow
-server and credentials, object-store credentials and endpoint, the Hugging Face cache."""
+"""What a driver hands the processes it starts elsewhere, when set: `qwenflux submit` to its job,
+a training to its Ray Train workers (rank 0 logs to MLflow). The MLflow server and credentials,
+object-store credentials and endpoint, the Hugging Face cache."""
+
+
+def forwarded_environment() -> dict[str, str]:
+    """The FORWARDED_ENV variables this process has."""
+    return {key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)}
 
 
 def submitted_environment() -> dict[str, str]:
-    """The SUBMITTED_ENV variables this process has, plus the quiet environment."""
-    found = {key: os.environ[key] for key in SUBMITTED_ENV if os.environ.get(key)}
-    return {key: os.environ.get(key, value) for key, value in QUIET_ENV.items()} | found
+    """What `qwenflux submit` puts in its job's runtime_env: the quiet environment and the
+    forwarded variables."""
+    quiet = {key: os.environ.get(key, value) for key, value in QUIET_ENV.items()}
+    return quiet | forwarded_environment()
+
+
+def tracking_credentials() -> tuple[str, str, str]:
+    """(username, password, token) MLflow's client reads from the environment ("" when unset)."""
+    return tuple(
+        os.environ.get(key, "")
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+    )
 
 
 def submission_id() -> str:

@@ -177,13 +177,17 @@ def evaluate_gate(config: PipelineConfig, parts) -> GateResult:
 
 def run_promotion(config: PipelineConfig, *, version: str | None = None):
     """`candidate` (or `version`) -> `champion` if its gate loss beats the champion's."""
-    from components.inference.registry import promote
+    from mlflow.exceptions import MlflowException
 
-    return promote(
-        tracking_uri=tracking_uri(config),
-        model_name=config.registry.model_name,
-        version=version,
-    )
+    from components.inference.registry import promote
+    from pipelines.tracking_access import permission_denied
+
+    uri = tracking_uri(config)
+    try:
+        return promote(tracking_uri=uri, model_name=config.registry.model_name, version=version)
+    except MlflowException as error:
+        action = f"move the aliases of {config.registry.model_name}"
+        raise permission_denied(error, action=action, tracking_uri=uri) from error
 
 
 def _lineage(client, run_id: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ second job with the same id, so a schedule that fires twice submits one job. A r
 failed or was stopped is resubmitted as `...-r2`, `-r3` (the workflow then resumes that run).
 The runtime_env carries the working directory (or none: the cluster's image has the code) and,
 as environment variables, the MLflow and object-store settings and credentials the submitter's
-own environment holds (SUBMITTED_ENV); they never appear on the command line or in the logs.
+own environment holds (FORWARDED_ENV); they never appear on the command line or in the logs.
 `--wait` streams the job's logs and returns its exit status.
 """
 

@@ -19,6 +19,7 @@ from components.data import shard_format
 from pipelines.config import PipelineConfig
 from pipelines.config_loading import config_hash, flatten, to_plain
 from pipelines.data_report import code_version
+from pipelines.environment import forwarded_environment
 from pipelines.ray_session import ray_session
 from pipelines.run_layout import RunLayout, with_absolute_paths
 from pipelines.train_tracking import experiment_id, stage_progress, tracking_uri
@@ -72,6 +73,8 @@ def run_training(
             name=name,
             storage_path=layout.train_storage,
             failure_config=FailureConfig(max_failures=config.train.max_failures),
+            # Rank 0 logs to MLflow: workers on other hosts need the driver's credentials.
+            worker_runtime_env={"env_vars": forwarded_environment()},
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )

@@ -23,7 +23,7 @@ from pipelines.run_layout import RunLayout
 from pipelines.workflow import WorkflowStore
 from pipelines.workflow_status import find_record
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster]
 
 RUN_ID = "cluster-test"
 

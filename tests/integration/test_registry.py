@@ -4,13 +4,6 @@ verified packages, serve one request through the pyfunc flavour."""
 
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -18,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from mlflow_servers import mlflow_server
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -43,64 +37,13 @@ SETTINGS = GeneratorSettings(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited ({process.returncode}):\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"mlflow server not healthy after {timeout_s} s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def server_uri(request, tmp_path_factory):
     """A real MLflow 3.17 tracking + registry server (SQLite backend, proxied artifacts); the
-    test packages are exported while it starts (about 15 s of imports on 2 cores)."""
+    test packages are exported while it starts."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    log = root / "server.log"
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--host=127.0.0.1",
-        f"--port={port}",
-        f"--backend-store-uri=sqlite:///{root / 'mlflow.db'}",
-        f"--artifacts-destination={root / 'artifacts'}",
-        "--workers=1",
-    ]
-    # No job runner: it is not needed here and leaves huey stores in /dev/shm.
-    env = os.environ | {
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    }
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        request.getfixturevalue("packages")
-        _wait_healthy(url, process, log)
+    with mlflow_server(root, while_starting=lambda: request.getfixturevalue("packages")) as url:
         yield url
-    finally:
-        # The server's own session: stops its uvicorn worker too.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def _package(models, folder: Path, *, seed: int) -> Path:

@@ -4,7 +4,7 @@ added when none is given, and names the submission), and the errors that stop it
 import pytest
 
 from pipelines.cli import main
-from pipelines.environment import SUBMITTED_ENV, submitted_environment
+from pipelines.environment import FORWARDED_ENV, submitted_environment
 from pipelines.submit import SubmitError, workflow_command
 
 pytestmark = pytest.mark.unit
@@ -21,7 +21,7 @@ def test_a_run_id_is_added_once_and_kept_when_given():
 
 
 def test_credentials_come_from_the_environment_only_when_set(monkeypatch):
-    for key in SUBMITTED_ENV:
+    for key in FORWARDED_ENV:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
