@@ -96,11 +96,12 @@ def test_a_user_trains_and_registers_and_a_reader_cannot_promote(
     with _credentials(ADMIN, ADMIN_PASSWORD):
         client = MlflowClient(server)
         name = config.registry.model_name
-        (version,) = client.search_model_versions(f"name = '{name}'")
+        (found,) = client.search_model_versions(f"name = '{name}'")
+        version = client.get_model_version(name, found.version)  # search leaves aliases out
         assert "candidate" in version.aliases and "champion" not in version.aliases
         training = client.get_run(version.tags["training_run_id"])
-        owner = get_app_client("basic-auth", tracking_uri=server).get_experiment_permission(
-            experiment_id=training.info.experiment_id, username="trainer"
+        owner = get_app_client("basic-auth", tracking_uri=server).get_user_permission(
+            "trainer", "experiment", training.info.experiment_id
         )
         assert owner.permission == "MANAGE", "the trainer did not create the experiment"
         stages = client.search_runs(
