@@ -38,6 +38,7 @@ from pipelines.data_layout import (
     write_table_atomic,
 )
 from pipelines.data_report import DataSummary, build_manifest, write_encoder_description
+from pipelines.environment import apply_quiet_environment
 from pipelines.ray_session import ray_session
 
 ENCODE_SLICE_ROWS = 64
@@ -263,6 +264,8 @@ class GroupEncoder:
 
     def __init__(self, config: DataConfig):
         import torch
+
+        apply_quiet_environment()  # a Ray job's workers get no driver runtime_env
 
         from components.data.encode import SampleEncoder
 

@@ -30,6 +30,7 @@ from pipelines.data_layout import (
     FittedImageWriter,
     write_table_atomic,
 )
+from pipelines.environment import apply_quiet_environment
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,7 @@ def process_chunk(
 ) -> int:
     """Policy + download + filter + bucket one chunk; writes its fitted images, then its outcome
     file, each atomically."""
+    apply_quiet_environment()  # a Ray job's workers get no driver runtime_env (ray_session.py)
     layout = DataLayout(Path(layout_root))
     outcomes, to_download = [], []
     for row in rows:

@@ -40,6 +40,7 @@ from components.inference.request_rows import (
     request_id,
 )
 from components.inference.request_rows import RESULT_COLUMNS as REQUEST_RESULT_COLUMNS
+from pipelines.environment import apply_quiet_environment
 
 RESULTS_FILE = "results.parquet"
 PARTS_DIR = "results-parts"
@@ -116,6 +117,7 @@ class InferenceWorker:
         depth_detector: str = "",
         trust_local_paths: bool = False,
     ) -> None:
+        apply_quiet_environment()  # a Ray job's workers get no driver runtime_env
         from dataclasses import replace
 
         from components.inference.control import load_controlnet, load_depth_detector

@@ -62,6 +62,8 @@ def ray_session(run, *, temp_root: Path) -> Iterator[str]:
     if ray_job_address():
         # A job's driver: its runtime_env (qwenflux submit puts the same variables in it) holds
         # for its workers, and Ray refuses a driver runtime_env that sets the same keys again.
+        # Jobs started otherwise (a KubeRay RayJob) get the quiet environment from the worker
+        # entry points themselves (apply_quiet_environment in each task and actor).
         context = ray.init(address=ray_job_address(), log_to_driver=True)
     elif run.ray_address:
         context = ray.init(

@@ -21,6 +21,7 @@ from components.training.model_loading import load_training_model
 from model.flux_forward import set_gradient_checkpointing
 from pipelines.config import PipelineConfig
 from pipelines.config_loading import build
+from pipelines.environment import apply_quiet_environment
 from pipelines.train_tracking import StageTracker
 
 
@@ -29,6 +30,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    apply_quiet_environment()  # a Ray job's workers get no driver runtime_env (ray_session.py)
     config: PipelineConfig = build(PipelineConfig, payload["config"])
     context = ray.train.get_context()
     collectives = Collectives(rank=context.get_world_rank(), world=context.get_world_size())
