@@ -12,23 +12,15 @@ and runs the same pipeline function as its single-step command. Outputs are smal
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from components.checkpoints import hash_file
 from pipelines.config import PipelineConfig
 from pipelines.config_loading import config_hash
 from pipelines.run_layout import RunLayout
 from pipelines.workflow import Step, StepContext, StepResult
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _data_fingerprint(config: PipelineConfig) -> dict[str, Any]:
@@ -40,7 +32,7 @@ def _data_fingerprint(config: PipelineConfig) -> dict[str, Any]:
     return {
         "data": state_fingerprint(config.data),
         "seed": config.run.seed,
-        "url_list_sha256": file_sha256(Path(url_list)) if url_list else "",
+        "url_list_sha256": hash_file(Path(url_list)) if url_list else "",
     }
 
 
@@ -136,7 +128,7 @@ def _infer_fingerprint(config: PipelineConfig) -> dict[str, Any]:
     requests = config.infer.requests_file
     return {
         "infer": config_hash(config.infer),
-        "requests_sha256": file_sha256(Path(requests)) if requests else "",
+        "requests_sha256": hash_file(Path(requests)) if requests else "",
     }
 
 
@@ -151,7 +143,7 @@ def _run_infer(context: StepContext) -> StepResult:
             "(no version has passed the gate)"
         )
     requests = Path(config.infer.requests_file)
-    out_dir = RunLayout(config).inference / f"v{champion}-{file_sha256(requests)[:8]}"
+    out_dir = RunLayout(config).inference / f"v{champion}-{hash_file(requests)[:8]}"
     model = f"models:/{config.registry.model_name}/{champion}"
     summary = run_inference(config, model=model, requests=requests, out_dir=out_dir)
     outputs = {
