@@ -31,7 +31,7 @@ def find_record(store: WorkflowStore, run_id: str | None) -> dict[str, Any]:
 
 
 def format_status(record: dict[str, Any], *, run_link, job_state: str = "") -> str:
-    """The status table of one run; `run_link(mlflow_run_id)` renders an MLflow link."""
+    """The status table of one run; `run_link(record)` renders its MLflow link."""
     lines = [
         f"workflow run {record['run_id']}  target {record['target']}"
         + (f" (--from {record['from_step']})" if record.get("from_step") else ""),
@@ -46,7 +46,7 @@ def format_status(record: dict[str, Any], *, run_link, job_state: str = "") -> s
         duration = f"{entry['duration_s']:.1f} s" if "duration_s" in entry else "-"
         lines.append(f"  {name:<9} {entry['state']:<8} {duration:>8}  {_outputs(name, entry)}")
     if record.get("mlflow_run_id"):
-        lines.append(f"MLflow: {run_link(record['mlflow_run_id'])}")
+        lines.append(f"MLflow: {run_link(record)}")
     lines.append(f"Ray dashboard: {record.get('ray_dashboard') or 'none (in-process cluster)'}")
     if record.get("submission_id"):
         lines.append(f"Ray job: {record['submission_id']} {job_state}".rstrip())

@@ -46,6 +46,7 @@ class WorkflowTracker:
         if record.get("mlflow_run_id"):
             self.client.update_run(record["mlflow_run_id"], status="RUNNING")
             return record["mlflow_run_id"]
+        record["mlflow_experiment_id"] = self.experiment_id
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"workflow-{record['run_id']}",
@@ -101,9 +102,12 @@ class WorkflowTracker:
         status = _MLFLOW_STATUS.get(record["state"], "FAILED")
         self.client.set_terminated(record["mlflow_run_id"], status=status)
 
-    def run_link(self, run_id: str) -> str:
-        """Where to look at a run: the server's page, or how to open the UI on a local store."""
+    def run_link(self, record: dict[str, Any]) -> str:
+        """Where to look at a workflow run: the server's page, or how to open the UI on a local
+        store. Made from the record alone, so `status` needs no MLflow call."""
         uri = tracking_uri(self.config)
-        if uri.startswith(("http://", "https://")):
-            return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        run_id = record["mlflow_run_id"]
+        if uri.startswith(("http://", "https://")) and record.get("mlflow_experiment_id"):
+            experiment = record["mlflow_experiment_id"]
+            return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
         return f"run {run_id} (mlflow ui --backend-store-uri {uri})"

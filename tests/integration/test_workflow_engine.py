@@ -168,8 +168,11 @@ def test_mlflow_holds_a_parent_per_run_and_a_child_per_step(setup):
     assert sorted(run.data.tags["workflow_step"] for run in children) == ["a", "b", "c"]
     assert {run.data.tags["step_state"] for run in children} == {"done"}
     assert all(run.data.metrics["output.n"] == 1.0 for run in children)
-    text = format_status(find_record(WorkflowStore(RunLayout(config)), "two"), run_link=str)
+    two = find_record(WorkflowStore(RunLayout(config)), "two")
+    assert two["mlflow_experiment_id"] == parent.info.experiment_id
+    text = format_status(two, run_link=tracker.run_link)
     assert "state finished" in text and "(reused from one)" in text
+    assert f"run {two['mlflow_run_id']} (mlflow ui --backend-store-uri sqlite:" in text
 
 
 def test_a_live_lock_refuses_a_second_workflow_and_a_dead_one_is_taken_over(setup):
