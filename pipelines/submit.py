@@ -20,10 +20,10 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from pipelines.console import say
 from pipelines.environment import SUBMISSION_ID_VAR, submitted_environment
+from pipelines.workflow import new_run_id
 
 AGENT_WAIT_S = 120.0
 """How long a submission waits for a starting cluster's job agent."""
@@ -55,8 +55,7 @@ def workflow_command(argv: list[str]) -> tuple[list[str], str, str]:
             raise SubmitError("--run-id needs a value")
         return argv, argv[position + 1], target
     preset = argv[argv.index("--config") + 1] if "--config" in argv else "tiny"
-    name = preset.rsplit("/", 1)[-1].removesuffix(".toml")
-    run_id = f"{name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    run_id = new_run_id(preset.rsplit("/", 1)[-1].removesuffix(".toml"))
     return [*argv, "--run-id", run_id], run_id, target
 
 

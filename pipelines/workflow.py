@@ -86,8 +86,9 @@ def inputs_hash(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def new_run_id(config: PipelineConfig) -> str:
-    return f"{config.run.name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+def new_run_id(preset: str) -> str:
+    """A new workflow run's id, `<preset>-<UTC time>` (`qwenflux submit` names runs so too)."""
+    return f"{preset}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
 
 
 class WorkflowStore:
@@ -213,7 +214,7 @@ def open_run(
         if unfinished:
             return unfinished[-1]
     if run_id is None:
-        run_id = new_run_id(config)
+        run_id = new_run_id(config.run.name)
         taken = {record["run_id"] for record in store.records()}
         run_id = next(
             candidate
