@@ -354,8 +354,8 @@ def _demo(config) -> int:
     flux_dir = Path(config.data.encode.flux)
     if qwen_dir.parent != flux_dir.parent:
         raise ConfigError("demo builds tiny models: data.encode.qwen2vl and .flux need one parent")
-    if config.data.source.url_list:
-        raise ConfigError("demo runs on the synthetic corpus: data.source.url_list must be empty")
+    if config.data.source.url_lists:
+        raise ConfigError("demo runs on the synthetic corpus: data.source.url_lists must be empty")
     _tiny_models(qwen_dir.parent, config.run.seed)
     layout = RunLayout(config)
     write_demo_corpus(config)

@@ -49,15 +49,17 @@ class RunConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SourceConfig:
-    """Where the url + caption list comes from."""
+    """Where the url + caption lists come from."""
 
-    url_list: str = ""
-    """Parquet or JSONL file with `url`, `caption` and optional score columns; empty = generate
-    the synthetic demo corpus into the run directory."""
+    url_lists: tuple[str, ...] = ()
+    """Url lists: Parquet or JSONL files with `url`, `caption` and optional score columns, or
+    folders of them. A rerun that finds new lists or new rows adds them as a new dataset
+    version (pipelines/data_sources.py). Empty = the synthetic demo corpus in the run
+    directory."""
     serve_dir: str = ""
     """Folder served over HTTP on 127.0.0.1 for the run; relative urls resolve against it."""
     synthetic_count: int = 96
-    """Images in the synthetic demo corpus (used when url_list is empty)."""
+    """Images in the synthetic demo corpus (used when url_lists is empty)."""
     synthetic_max_side_px: int = 160
     """Longest side of the synthetic demo images."""
 

@@ -1,5 +1,6 @@
-"""The data workflow: url list -> policy -> img2dataset (Ray tasks) -> filters -> buckets ->
-dedup -> encoder actor pool (Ray Data) -> Parquet shards + manifest.
+"""The data workflow: url lists -> source registry -> policy -> img2dataset (Ray tasks) ->
+filters -> buckets -> dedup -> encoder actor pool (Ray Data) -> Parquet shards + a manifest
+per dataset version.
 
 Each image is decoded and fitted to its bucket once, in the chunk task; the encoder actors read
 the fitted pixels from the chunk's fitted files (pipelines/data_layout.py).
@@ -8,6 +9,11 @@ Unit of resume: a chunk of source rows for download/filter/bucket (one outcome f
 and a (chunk, bucket) group for encoding (one shard file per group). A rerun of the same config
 skips every piece whose file exists, so a killed run finishes with exactly the keys of an
 uninterrupted one. Every source row ends in exactly one outcome row ("kept" or a reason).
+
+Growth (pipelines/data_sources.py): rows of a new list, or new rows of a known one, are
+registered in new chunks, so a refresh downloads and encodes only them; every earlier chunk
+already has its outcome file and shards. Dedup keeps the lowest key and compares later rows with
+kept rows only, so new rows never change what earlier versions kept.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +32,10 @@ from components.data import shard_format
 from components.data.buckets import build_buckets
 from components.data.filters import find_duplicates
 from pipelines.config import DataConfig, PipelineConfig
-from pipelines.config_loading import config_hash
 from pipelines.data_chunks import ChunkConfigs, process_chunk
-from pipelines.data_layout import (
-    DataLayout,
-    read_fitted_slices,
-    read_outcomes,
-    read_url_list,
-    table_sha256,
-    write_table_atomic,
-)
+from pipelines.data_layout import DataLayout, read_fitted_slices, read_outcomes, write_table_atomic
 from pipelines.data_report import DataSummary, build_manifest, write_encoder_description
+from pipelines.data_sources import UrlList, discover_lists, register_sources, state_fingerprint
 from pipelines.environment import apply_quiet_environment
 from pipelines.ray_session import ray_session
 
@@ -45,16 +43,21 @@ ENCODE_SLICE_ROWS = 64
 """Samples encoded and written per slice inside one group (bounds actor memory)."""
 
 
+STATE_VERSION = 2
+"""2: the url lists are not part of the state (the dataset grows from them)."""
+
+
 class RunStateError(RuntimeError):
-    """A run directory that holds a run of a different config or source list."""
+    """A run directory that holds a run of a different data config."""
 
 
 def run_data(config: PipelineConfig, *, show_progress: bool = True) -> DataSummary:
     """Run (or resume) the whole data pipeline; returns the summary the manifest holds."""
     layout = DataLayout(Path(config.run.root))
-    with _served_source(config, layout) as (source, base_url):
-        _check_state(layout, config.data, source)
-        chunks = _chunk_rows(source, config.data.resources.chunk_size)
+    with _served_source(config, layout) as (lists, base_url):
+        _check_state(layout, config.data)
+        registry = register_sources(layout, lists, chunk_size=config.data.resources.chunk_size)
+        chunks = registry.chunks()
         with ray_session(config.run, temp_root=layout.root):
             _process_chunks(
                 chunks,
@@ -67,31 +70,26 @@ def run_data(config: PipelineConfig, *, show_progress: bool = True) -> DataSumma
             _encode_groups(
                 layout, config=config.data, duplicates=duplicates, show_progress=show_progress
             )
-        return build_manifest(
-            layout,
-            config=config,
-            source=source,
-            num_chunks=len(chunks),
-            duplicates=duplicates,
-        )
+        return build_manifest(layout, config=config, registry=registry, duplicates=duplicates)
 
 
 @contextlib.contextmanager
-def _served_source(config: PipelineConfig, layout: DataLayout) -> Iterator[tuple[pa.Table, str]]:
-    """The url list, with a loopback server over `serve_dir` (or the synthetic corpus)."""
+def _served_source(
+    config: PipelineConfig, layout: DataLayout
+) -> Iterator[tuple[list[UrlList], str]]:
+    """The url lists, with a loopback server over `serve_dir` (or the synthetic corpus)."""
     from components.data.loopback_server import LoopbackServer
 
-    source_config = config.data.source
-    url_list, serve_dir = source_config.url_list, source_config.serve_dir
-    if not url_list:
-        url_list = str(write_demo_corpus(config))
-        serve_dir = str(Path(url_list).parent)
-    source = read_url_list(Path(url_list))
+    url_lists, serve_dir = config.data.source.url_lists, config.data.source.serve_dir
+    if not url_lists:
+        url_lists = (str(write_demo_corpus(config)),)
+        serve_dir = str(Path(url_lists[0]).parent)
+    lists = discover_lists(url_lists)
     if not serve_dir:
-        yield source, ""
+        yield lists, ""
         return
     with LoopbackServer(Path(serve_dir)) as server:
-        yield source, server.base_url
+        yield lists, server.base_url
 
 
 def write_demo_corpus(config: PipelineConfig) -> Path:
@@ -112,39 +110,23 @@ def write_demo_corpus(config: PipelineConfig) -> Path:
     return url_list
 
 
-def state_fingerprint(config: DataConfig) -> str:
-    """What a resumed run must share with the run that made its files (the encoder pool's
-    size and placement are not part of it)."""
-    resources = replace(
-        config.resources, num_encoders=1, cpus_per_encoder=1.0, gpus_per_encoder=0.0
-    )
-    return config_hash(replace(config, resources=resources))
-
-
-def _check_state(layout: DataLayout, config: DataConfig, source: pa.Table) -> None:
-    state = {"config_hash": state_fingerprint(config), "source_sha256": table_sha256(source)}
-    if layout.state.exists():
-        previous = json.loads(layout.state.read_text())
-        for key, value in state.items():
-            if previous.get(key) != value:
-                raise RunStateError(
-                    f"{layout.state}: this run directory was started with a different {key} "
-                    f"({previous.get(key)}); resume needs the same config and url list, "
-                    "or choose a new run.root"
-                )
+def _check_state(layout: DataLayout, config: DataConfig) -> None:
+    state = {"state_version": STATE_VERSION, "config_hash": state_fingerprint(config)}
+    if not layout.state.exists():
+        shard_format.write_json_atomic(layout.state, state)
         return
-    shard_format.write_json_atomic(layout.state, state)
-    write_table_atomic(source, layout.source)
-
-
-def _chunk_rows(source: pa.Table, chunk_size: int) -> list[list[dict[str, Any]]]:
-    """Split the source into chunks; a url seen before is marked `duplicate_url`."""
-    seen: set[str] = set()
-    rows = source.to_pylist()
-    for row in rows:
-        row["duplicate_url"] = row["url"] in seen
-        seen.add(row["url"])
-    return [rows[start : start + chunk_size] for start in range(0, len(rows), chunk_size)]
+    previous = json.loads(layout.state.read_text())
+    if previous.get("state_version") != STATE_VERSION:
+        raise RunStateError(
+            f"{layout.state}: this run directory was made by an older version of the data "
+            "pipeline; choose a new run.root"
+        )
+    if previous.get("config_hash") != state["config_hash"]:
+        raise RunStateError(
+            f"{layout.state}: this run directory was started with a different data config "
+            f"({previous.get('config_hash')}); growing or resuming a dataset needs the same "
+            "data config (url lists aside) and encoders, or choose a new run.root"
+        )
 
 
 def _process_chunks(

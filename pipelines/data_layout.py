@@ -1,13 +1,15 @@
-"""Files of one data run, and the source list they start from.
+"""Files of one data run.
 
-    <root>/data/source.parquet                   the url list with stable keys (written once)
-    <root>/data/state.json                       config + source hashes the run was started with
+    <root>/data/source.parquet                   every listed row with its key, chunk and version
+                                                 (pipelines/data_sources.py; append-only)
+    <root>/data/state.json                       the config hash the run was started with
     <root>/data/work/chunk-NNNNN/                img2dataset output of one chunk
     <root>/data/work/chunk-NNNNN.parquet         one row per source row of the chunk: outcome
     <root>/data/work/fitted/chunk-NNNNN/bucket=<id>.parquet
                                                  the chunk's kept images fitted to that bucket
     <root>/data/work/duplicates.parquet          exact / near duplicates across chunks
-    <root>/data/shards/bucket=<id>/part-NNNNN.parquet, <root>/data/manifest.json
+    <root>/data/shards/bucket=<id>/part-NNNNN.parquet, <root>/data/versions/vNNNN.json,
+    <root>/data/manifest.json                    (components/data/shard_format.py)
 
 Every file is written through a temp name and a rename, so a killed run leaves either a whole
 file or none, and a rerun redoes exactly the pieces that have no file yet. A chunk's fitted
@@ -16,15 +18,12 @@ files are in place before its outcome file, so an outcome file vouches for them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,10 +62,6 @@ bucket as raw RGB bytes (`pack_fitted_image`); the bucket gives its width and he
 FITTED_COMPRESSION = "lz4"
 FITTED_ROW_GROUP_BYTES = 32 * 2**20
 """Pixel bytes buffered per bucket before a row group is written (bounds chunk task memory)."""
-
-
-class SourceListError(ValueError):
-    """A url list that cannot be read or lacks required columns."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,43 +109,6 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, temp)
     os.replace(temp, path)
-
-
-def read_url_list(path: Path) -> pa.Table:
-    """Read a Parquet or JSONL url list into (sample_key, url, caption, scores...).
-
-    Keys are the zero-padded row index, so they are stable for the same list.
-    """
-    if not path.exists():
-        raise SourceListError(f"url list not found: {path}")
-    if path.suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        table = pa.Table.from_pylist(rows)
-    else:
-        table = pq.read_table(path)
-    if "url" not in table.column_names:
-        raise SourceListError(f"{path}: url list needs a 'url' column, has {table.column_names}")
-    columns: dict[str, Any] = {
-        "sample_key": [f"{index:09d}" for index in range(table.num_rows)],
-        "url": table["url"].cast(pa.string()),
-        "caption": (
-            table["caption"].cast(pa.string())
-            if "caption" in table.column_names
-            else pa.nulls(table.num_rows, pa.string())
-        ),
-    }
-    for name in SCORE_COLUMNS:
-        if name in table.column_names:
-            columns[name] = table[name].cast(pa.float64())
-    return pa.table(columns)
-
-
-def table_sha256(table: pa.Table) -> str:
-    """Content hash of a url list (urls, captions, scores), independent of file encoding."""
-    digest = hashlib.sha256()
-    for row in table.to_pylist():
-        digest.update(json.dumps(row, sort_keys=True).encode())
-    return digest.hexdigest()
 
 
 def read_outcomes(layout: DataLayout, num_chunks: int) -> pa.Table:

@@ -1,8 +1,10 @@
 """The data run's manifest and printed summary.
 
-The manifest (`<root>/data/manifest.json`) is the contract's index: format version, counts per
-bucket and per rejection reason, encoder ids/revisions/dtypes and layer cut, config and source
-hashes, every shard with its rows and bytes, bytes per sample per column, code version.
+The manifest (`<root>/data/manifest.json`, and `<root>/data/versions/vNNNN.json` per version)
+is the contract's index: format version, dataset version and its url lists, counts (rows new in
+this version, reused from earlier ones, per bucket, per rejection reason), encoder
+ids/revisions/dtypes and layer cut, the config hash, every shard with its rows, bytes, list and
+version, bytes per sample per column, code version.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.data import shard_format
 from components.data.buckets import build_buckets
 from pipelines.config_loading import config_hash
-from pipelines.data_layout import DataLayout, read_outcomes, table_sha256
+from pipelines.data_layout import DataLayout, read_outcomes
+from pipelines.data_sources import Registry, state_fingerprint
 
 ENCODERS_FILE = "encoders.json"
 
@@ -32,7 +34,12 @@ ENCODERS_FILE = "encoders.json"
 class DataSummary:
     """Counts of one data run, as printed and as stored in the manifest."""
 
+    version: int
     source_rows: int
+    new_rows: int
+    """Rows this version added (downloaded, filtered and encoded for it)."""
+    new_encoded: int
+    """Samples this version added to the shards."""
     downloaded: int
     kept: int
     encoded: int
@@ -44,8 +51,12 @@ class DataSummary:
 
     def format(self) -> str:
         """A human summary: downloaded, rejected by reason, per bucket, bytes per sample."""
+        reused = self.source_rows - self.new_rows
         lines = [
-            f"source rows     {self.source_rows}",
+            f"dataset version {self.version}",
+            f"source rows     {self.source_rows} (new {self.new_rows}, reused {reused})",
+            f"new samples     {self.new_encoded} encoded for this version, "
+            f"{self.encoded - self.new_encoded} reused",
             f"downloaded      {self.downloaded}",
             f"kept + encoded  {self.encoded} (kept by filters {self.kept})",
             "rejected by reason:",
@@ -68,16 +79,16 @@ def write_encoder_description(layout: DataLayout, description: dict[str, Any]) -
 
 
 def build_manifest(
-    layout: DataLayout, *, config, source: pa.Table, num_chunks: int, duplicates: dict
+    layout: DataLayout, *, config, registry: Registry, duplicates: dict
 ) -> DataSummary:
-    """Check the run's invariants, write the manifest and return the summary."""
-    outcomes = read_outcomes(layout, num_chunks)
-    if outcomes.num_rows != source.num_rows:
+    """Check the run's invariants, write the version's manifest and return the summary."""
+    outcomes = read_outcomes(layout, registry.num_chunks)
+    if outcomes.num_rows != len(registry.rows):
         raise RuntimeError(
-            f"{layout.work}: {outcomes.num_rows} outcomes for {source.num_rows} source rows"
+            f"{layout.work}: {outcomes.num_rows} outcomes for {len(registry.rows)} source rows"
         )
     rejected = _rejections(outcomes.to_pylist(), duplicates)
-    shard_entries, column_bytes = _shard_entries(layout)
+    shard_entries, column_bytes = _shard_entries(layout, registry)
     encoded = sum(entry["num_rows"] for entry in shard_entries)
     kept = sum(1 for reason in outcomes["reason"].to_pylist() if reason == "kept")
     if encoded != kept - len(duplicates):
@@ -86,8 +97,14 @@ def build_manifest(
         )
     per_bucket = _per_bucket(config, shard_entries)
     total_bytes = sum(entry["num_bytes"] for entry in shard_entries)
+    new_rows = sum(1 for row in registry.rows if row["added_in"] == registry.version)
     summary = DataSummary(
-        source_rows=source.num_rows,
+        version=registry.version,
+        source_rows=len(registry.rows),
+        new_rows=new_rows,
+        new_encoded=sum(
+            entry["num_rows"] for entry in shard_entries if entry["added_in"] == registry.version
+        ),
         downloaded=sum(1 for stage in outcomes["stage"].to_pylist() if stage == "filter"),
         kept=kept,
         encoded=encoded,
@@ -100,14 +117,18 @@ def build_manifest(
     )
     manifest = {
         "dataset_id": _dataset_id(shard_entries, config),
+        "version": registry.version,
+        "sources": registry.list_summaries(),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "code_version": code_version(),
         "config_hash": config_hash(config),
-        "source_sha256": table_sha256(source),
         "preset": config.run.name,
         "encoders": _encoder_description(layout),
         "counts": {
             "source_rows": summary.source_rows,
+            "new_rows": summary.new_rows,
+            "reused_rows": summary.source_rows - summary.new_rows,
+            "new_encoded": summary.new_encoded,
             "downloaded": summary.downloaded,
             "kept_by_filters": summary.kept,
             "encoded": summary.encoded,
@@ -121,8 +142,20 @@ def build_manifest(
             "columns_uncompressed": summary.column_bytes_per_sample,
         },
     }
-    summary.manifest_path = str(shard_format.write_manifest(layout.data, manifest))
+    summary.manifest_path = str(_publish(layout, manifest))
     return summary
+
+
+def _publish(layout: DataLayout, manifest: dict[str, Any]) -> Path:
+    """Write the version's manifest; a published version whose shards are the same is left as
+    it is (a rerun of a finished version changes nothing, not even its timestamp)."""
+    try:
+        published = shard_format.read_manifest(layout.data, manifest["version"])
+    except shard_format.ShardFormatError:
+        published = None
+    if published is not None and published["shards"] == manifest["shards"]:
+        return layout.data / shard_format.MANIFEST_NAME
+    return shard_format.write_manifest(layout.data, manifest)
 
 
 def _rejections(outcomes: list[dict[str, Any]], duplicates: dict) -> dict[str, dict[str, int]]:
@@ -135,7 +168,10 @@ def _rejections(outcomes: list[dict[str, Any]], duplicates: dict) -> dict[str, d
     return {stage: dict(counter) for stage, counter in counts.items()}
 
 
-def _shard_entries(layout: DataLayout) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def _shard_entries(
+    layout: DataLayout, registry: Registry
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    chunk_rows = {row["chunk_index"]: row for row in registry.rows}
     entries, column_bytes = [], Counter()
     for path in shard_format.list_shards(layout.data):
         metadata_ = pq.read_metadata(path)
@@ -146,12 +182,16 @@ def _shard_entries(layout: DataLayout) -> tuple[list[dict[str, Any]], dict[str, 
                 name = chunk.path_in_schema.split(".")[0]
                 if name in shard_format.REQUIRED_TENSORS + shard_format.OPTIONAL_TENSORS:
                     column_bytes[name] += chunk.total_uncompressed_size
+        # Chunks never span two lists: the chunk names the shard's list and version.
+        chunk = chunk_rows[shard_format.shard_chunk_index(path)]
         entries.append(
             {
                 "path": str(path.relative_to(layout.data)),
                 "bucket_id": path.parent.name.removeprefix("bucket="),
                 "num_rows": metadata_.num_rows,
                 "num_bytes": path.stat().st_size,
+                "source_list": chunk["source_list"],
+                "added_in": chunk["added_in"],
             }
         )
     return entries, dict(column_bytes)
@@ -192,8 +232,8 @@ def _encoder_description(layout: DataLayout) -> dict[str, Any]:
 
 
 def _dataset_id(shard_entries: list[dict[str, Any]], config) -> str:
-    """Names what the shards hold: the data config and the shard list (not the train config)."""
-    digest = hashlib.sha256(config_hash(config.data).encode())
+    """Names what the shards hold: the data config (url lists aside) and the shard list."""
+    digest = hashlib.sha256(state_fingerprint(config.data).encode())
     for entry in shard_entries:
         digest.update(f"{entry['path']}:{entry['num_rows']}".encode())
     return digest.hexdigest()[:16]

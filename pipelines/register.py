@@ -193,7 +193,7 @@ def run_promotion(config: PipelineConfig, *, version: str | None = None):
 def _lineage(client, run_id: str) -> dict[str, str]:
     tags = client.get_run(run_id).data.tags
     lineage = {"training_run_id": run_id}
-    for key in ("git_sha", "config_hash", "data_manifest_id", "preset"):
+    for key in ("git_sha", "config_hash", "data_manifest_id", "dataset_version", "preset"):
         if key in tags:
             lineage[key] = tags[key]
     return lineage

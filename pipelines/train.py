@@ -32,6 +32,8 @@ class TrainingRun:
     name: str
     parent_run_id: str
     dataset_id: str
+    dataset_version: int
+    """The dataset version it trained on (components/data/shard_format.py)."""
     result: Any
     """ray.train.Result (checkpoint, metrics)."""
 
@@ -85,7 +87,11 @@ def run_training(
     if result.error is not None:
         raise result.error
     return TrainingRun(
-        name=name, parent_run_id=parent_run_id, dataset_id=manifest["dataset_id"], result=result
+        name=name,
+        parent_run_id=parent_run_id,
+        dataset_id=manifest["dataset_id"],
+        dataset_version=int(manifest["version"]),
+        result=result,
     )
 
 
@@ -152,6 +158,7 @@ def _parent_run(
         "git_sha": version["git_sha"],
         "config_hash": config_hash(config),
         "data_manifest_id": str(manifest.get("dataset_id", "")),
+        "dataset_version": str(manifest.get("version", "")),
         "preset": config.run.name,
         "training": name,
     }
@@ -169,6 +176,7 @@ def _parent_run(
             "run_id": run.info.run_id,
             "config_hash": config_hash(config.train),
             "dataset_id": manifest.get("dataset_id"),
+            "dataset_version": manifest.get("version"),
         },
     )
     return run.info.run_id

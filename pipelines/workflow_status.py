@@ -8,8 +8,8 @@ from typing import Any
 from pipelines.workflow import WorkflowError, WorkflowStore
 
 _SHOWN_OUTPUTS = {
-    "data": ("dataset_id", "encoded", "source_rows", "rejected"),
-    "train": ("training", "dataset_id"),
+    "data": ("dataset_version", "dataset_id", "new_rows", "encoded", "rejected"),
+    "train": ("training", "dataset_version"),
     "register": ("version", "gate_passed", "gate_validation_loss"),
     "promote": ("champion", "promoted"),
     "infer": ("model", "ok", "failed", "out_dir"),

@@ -3,10 +3,12 @@
 Each step names the config it depends on (its fingerprint) and the steps whose outputs it reads,
 and runs the same pipeline function as its single-step command. Outputs are small JSON values:
 
-    data      dataset_id, manifest, source_rows, encoded, rejected
-    train     training (Ray Train run name), training_run_id (MLflow), dataset_id, checkpoint
+    data      dataset_id, dataset_version, manifest, source_rows, new_rows, new_encoded, encoded,
+              rejected
+    train     training (Ray Train run name), training_run_id (MLflow), dataset_id,
+              dataset_version, checkpoint
     register  model_name, version (None when the gate refused), gate_passed, gate metrics
-    promote   champion (version or None), promoted, candidate
+    promote   champion (version or None), promoted (the candidate is champion), candidate
     infer     model (models:/NAME/VERSION), out_dir, total, ok, failed
 """
 
@@ -24,15 +26,15 @@ from pipelines.workflow import Step, StepContext, StepResult
 
 
 def _data_fingerprint(config: PipelineConfig) -> dict[str, Any]:
-    from pipelines.data import state_fingerprint
+    from pipelines.data_sources import lists_fingerprint, state_fingerprint
 
     if config.train.dataset:
         return {"external_dataset": config.train.dataset}
-    url_list = config.data.source.url_list
+    url_lists = config.data.source.url_lists
     return {
         "data": state_fingerprint(config.data),
         "seed": config.run.seed,
-        "url_list_sha256": hash_file(Path(url_list)) if url_list else "",
+        "url_lists": lists_fingerprint(url_lists) if url_lists else {},
     }
 
 
@@ -48,12 +50,18 @@ def _run_data(context: StepContext) -> StepResult:
     manifest = shard_format.read_manifest(layout.dataset_root)
     outputs = {
         "dataset_id": manifest["dataset_id"],
+        "dataset_version": int(manifest["version"]),
         "manifest": str(layout.dataset_root / shard_format.MANIFEST_NAME),
         "encoded": int(manifest["counts"]["encoded"]),
     }
     if summary is not None:
         rejected = sum(sum(reasons.values()) for reasons in summary.rejected.values())
-        outputs |= {"source_rows": summary.source_rows, "rejected": rejected}
+        outputs |= {
+            "source_rows": summary.source_rows,
+            "new_rows": summary.new_rows,
+            "new_encoded": summary.new_encoded,
+            "rejected": rejected,
+        }
     text = summary.format() if summary is not None else f"external dataset {layout.dataset_root}"
     return StepResult(outputs=outputs, summary=text)
 
@@ -73,6 +81,7 @@ def _run_train(context: StepContext) -> StepResult:
         "training": training.name,
         "training_run_id": training.parent_run_id,
         "dataset_id": training.dataset_id,
+        "dataset_version": training.dataset_version,
         "checkpoint": str(training.result.checkpoint.path),
     }
     return StepResult(outputs=outputs, summary=f"training {training.name}")
@@ -116,7 +125,9 @@ def _run_promote(context: StepContext) -> StepResult:
         return StepResult(outputs=outputs, summary="nothing to promote: the gate refused it")
     decision = run_promotion(config, version=candidate)
     champion = candidate if decision.promoted else decision.champion_version
-    outputs = {"candidate": candidate, "promoted": decision.promoted, "champion": champion}
+    # "promoted": the candidate is champion after the step (also when an earlier, killed
+    # attempt had already moved the alias), so a rerun's outputs equal an uninterrupted run's.
+    outputs = {"candidate": candidate, "promoted": champion == candidate, "champion": champion}
     return StepResult(outputs=outputs, summary=decision.message)
 
 

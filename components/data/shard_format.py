@@ -2,7 +2,11 @@
 
 Layout under a dataset root:
     shards/bucket=<bucket_id>/part-<chunk>.parquet   one file per (download chunk, bucket)
-    manifest.json                                     counts, encoders, hashes, bytes per sample
+    versions/v<NNNN>.json                             the manifest of each dataset version
+    manifest.json                                     the latest version's manifest
+
+A manifest holds counts, encoders, hashes, bytes per sample, its version number, its source
+lists and every shard it includes (a version's shards are a subset of the next one's).
 
 A row is one training sample. Scalar columns are listed in `SCALAR_COLUMNS`. Every tensor `name`
 is three columns: `name` (raw little-endian bytes, C order), `name_dtype` (torch dtype name;
@@ -26,9 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: versioned manifests (version, sources, per-shard source list); shard columns as in 1."""
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
+VERSIONS_DIR = "versions"
 
 SCALAR_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("sample_key", pa.string()),
@@ -247,6 +253,11 @@ def shard_path(root: Path, bucket_id: str, chunk_index: int) -> Path:
     return root / SHARDS_DIR / f"bucket={bucket_id}" / f"part-{chunk_index:05d}.parquet"
 
 
+def shard_chunk_index(path: Path) -> int:
+    """The download chunk a shard file holds (inverse of `shard_path`'s file name)."""
+    return int(path.stem.removeprefix("part-"))
+
+
 def list_shards(root: Path) -> list[Path]:
     """Every finished shard under a dataset root, in a stable order."""
     return sorted((root / SHARDS_DIR).glob("bucket=*/part-*.parquet"))
@@ -260,19 +271,38 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(temp, path)
 
 
+def version_path(root: Path, version: int) -> Path:
+    return root / VERSIONS_DIR / f"v{version:04d}.json"
+
+
+def list_versions(root: Path) -> list[int]:
+    """Published dataset versions under a dataset root, ascending."""
+    names = (path.stem for path in (root / VERSIONS_DIR).glob("v*.json"))
+    return sorted(int(name[1:]) for name in names if name[1:].isdigit())
+
+
 def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
-    """Write the dataset manifest (adds the format version)."""
+    """Write the manifest of version `manifest["version"]` and make it the latest (adds the
+    format version). The version file is written first, so a kill leaves the latest pointing
+    at a whole earlier version."""
+    payload = {**manifest, "format_version": FORMAT_VERSION}
+    write_json_atomic(version_path(root, int(manifest["version"])), payload)
     path = root / MANIFEST_NAME
-    write_json_atomic(path, {**manifest, "format_version": FORMAT_VERSION})
+    write_json_atomic(path, payload)
     return path
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """Read and version-check a dataset manifest; errors name the file."""
-    path = root / MANIFEST_NAME
+def read_manifest(root: Path, version: int | None = None) -> dict[str, Any]:
+    """Read and version-check a dataset manifest (the latest, or `version`); errors name the
+    file."""
+    path = root / MANIFEST_NAME if version is None else version_path(root, version)
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
+        if version is not None:
+            raise ShardFormatError(
+                f"no dataset version {version} at {path} (published: {list_versions(root)})"
+            ) from None
         raise ShardFormatError(
             f"no manifest at {path}: the data pipeline has not finished"
         ) from None

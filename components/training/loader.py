@@ -105,15 +105,21 @@ class BucketIndex:
     """Buckets the manifest lists with no rows (never drawn)."""
 
     @classmethod
-    def from_dataset(cls, root: Path) -> "BucketIndex":
-        """Read manifest + shard metadata; errors name the manifest or the shard file.
+    def from_dataset(cls, root: Path, *, version: int | None = None) -> "BucketIndex":
+        """Read manifest + shard metadata of the latest dataset version (or `version`); errors
+        name the manifest or the shard file.
 
         Checks: manifest format version, every listed shard present, readable, of this format
-        version and with the listed row count, no unlisted shard on disk, per-bucket counts.
+        version and with the listed row count, no shard on disk that the latest version does
+        not list, per-bucket counts.
         """
         root = Path(root).resolve()
-        manifest = shard_format.read_manifest(root)
-        manifest_path = root / shard_format.MANIFEST_NAME
+        manifest = shard_format.read_manifest(root, version)
+        manifest_path = (
+            root / shard_format.MANIFEST_NAME
+            if version is None
+            else shard_format.version_path(root, version)
+        )
         entries = manifest.get("shards")
         if not isinstance(entries, list):
             raise LoaderError(f"{manifest_path}: no 'shards' list")
@@ -122,6 +128,9 @@ class BucketIndex:
             path, bucket_id, num_rows = _checked_entry(root, entry, manifest_path=manifest_path)
             paths_by_bucket.setdefault(bucket_id, []).append((str(path), num_rows))
         listed = {path for items in paths_by_bucket.values() for path, _ in items}
+        if version is not None:  # later versions' shards are on disk too
+            latest = shard_format.read_manifest(root).get("shards", [])
+            listed |= {str((root / entry["path"]).resolve()) for entry in latest}
         unlisted = [path for path in shard_format.list_shards(root) if str(path) not in listed]
         if unlisted:
             raise LoaderError(f"{manifest_path}: shard {unlisted[0]} on disk is not listed")

@@ -177,7 +177,7 @@ class Bench:
             "tiny",
             [
                 f"run.root={root}",
-                f"data.source.url_list={self.url_list}",
+                f"data.source.url_lists={self.url_list}",
                 f"data.source.serve_dir={self.corpus}",
                 f"data.buckets.max_side_px={self.args.max_side}",
                 "data.filters.min_side_px=64",
@@ -267,13 +267,17 @@ class Bench:
         """A fresh in-process Ray per repeat, so chunk tasks start in cold workers as in a run."""
         import ray
 
-        from pipelines.data import _chunk_rows, _process_chunks
-        from pipelines.data_layout import DataLayout, read_outcomes, read_url_list
+        from pipelines.data import _process_chunks
+        from pipelines.data_layout import DataLayout, read_outcomes
+        from pipelines.data_sources import discover_lists, register_sources
 
         root = self.work / f"ours-{repeat}"
         config = self.config(root)
         layout = DataLayout(root)
-        chunks = _chunk_rows(read_url_list(self.url_list), config.data.resources.chunk_size)
+        lists = discover_lists([str(self.url_list)])
+        chunks = register_sources(
+            layout, lists, chunk_size=config.data.resources.chunk_size
+        ).chunks()
         started = time.perf_counter()
         self._ray_init()
         init_seconds = time.perf_counter() - started

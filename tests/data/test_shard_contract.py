@@ -82,7 +82,11 @@ def test_manifest_says_how_the_tensors_were_made(dataset_root, tables):
     stored = {name: first[f"{name}_dtype"][0].as_py() for name in shard_format.REQUIRED_TENSORS}
     assert {name: manifest["tensor_dtypes"][name] for name in stored} == stored
     assert stored["image_prompt_hidden"] == encoders["hidden_dtype"]
-    assert len(manifest["config_hash"]) == len(manifest["source_sha256"]) == 64
+    assert len(manifest["config_hash"]) == 64
+    assert manifest["version"] == 1 and manifest["counts"]["reused_rows"] == 0
+    (source,) = manifest["sources"]
+    assert source["rows"] == manifest["counts"]["source_rows"] == manifest["counts"]["new_rows"]
+    assert {entry["added_in"] for entry in manifest["shards"]} == {1}
     assert set(manifest["bytes_per_sample"]["columns_uncompressed"]) >= set(
         shard_format.REQUIRED_TENSORS
     )

@@ -30,7 +30,7 @@ def bad_run(tmp_path_factory, tiny_models_dir, ray_local, make_tiny_config):
         config = make_tiny_config(
             tmp_path_factory.mktemp("bad_run"),
             tiny_models_dir,
-            f"data.source.url_list={folder / 'urls.jsonl'}",
+            f"data.source.url_lists={folder / 'urls.jsonl'}",
             "data.download.timeout_seconds=2",
             "data.filters.min_side_px=16",
             "data.resources.chunk_size=10",

@@ -1,10 +1,9 @@
-"""Chunk-level rules of the data workflow that need no Ray: chunking, duplicate urls, the
+"""Chunk-level rules of the data workflow that need no Ray: the
 guard that keeps a dying run from recording its own source's death as url failures, and the
 fitted-image files that carry each image, decoded and fitted once, from the chunk task to the
 encoder."""
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -12,29 +11,10 @@ from PIL import Image
 from components.data.buckets import Bucket
 from components.data.loopback_server import LoopbackServer, closed_port_url
 from pipelines import data_layout
-from pipelines.data import _chunk_rows
 from pipelines.data_chunks import SourceGoneError, _check_source_alive, _resolve_url
 from pipelines.data_layout import DataLayout, FittedImageWriter, read_fitted_slices
 
 pytestmark = pytest.mark.unit
-
-
-def test_chunks_keep_order_and_mark_repeated_urls():
-    source = pa.table(
-        {
-            "sample_key": [f"{i:09d}" for i in range(5)],
-            "url": ["a", "b", "a", "c", "b"],
-            "caption": ["x"] * 5,
-        }
-    )
-    chunks = _chunk_rows(source, chunk_size=2)
-    assert [[row["sample_key"] for row in chunk] for chunk in chunks] == [
-        ["000000000", "000000001"],
-        ["000000002", "000000003"],
-        ["000000004"],
-    ]
-    flags = [row["duplicate_url"] for chunk in chunks for row in chunk]
-    assert flags == [False, False, True, False, True]
 
 
 def test_relative_urls_resolve_only_against_a_served_source():

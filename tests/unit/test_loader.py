@@ -84,7 +84,7 @@ def _write_dataset(
             )
     buckets = {bucket_id: {"num_samples": size} for bucket_id, size in sizes.items()}
     shard_format.write_manifest(
-        root, {"dataset_id": "synthetic", "shards": entries, "buckets": buckets}
+        root, {"dataset_id": "synthetic", "version": 1, "shards": entries, "buckets": buckets}
     )
     return root
 
@@ -296,7 +296,9 @@ def test_manifest_version_mismatch_is_named(dataset_copy):
 
 
 def test_empty_dataset_is_an_error(tmp_path):
-    shard_format.write_manifest(tmp_path, {"shards": [], "buckets": {"64x64": {"num_samples": 0}}})
+    shard_format.write_manifest(
+        tmp_path, {"version": 1, "shards": [], "buckets": {"64x64": {"num_samples": 0}}}
+    )
     with pytest.raises(LoaderError, match="holds no samples"):
         BucketIndex.from_dataset(tmp_path)
 

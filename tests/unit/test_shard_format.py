@@ -82,5 +82,10 @@ def test_version_mismatch_and_corruption_name_the_file(tmp_path):
         shard_format.read_shard(path)
     with pytest.raises(shard_format.ShardFormatError, match="no manifest"):
         shard_format.read_manifest(tmp_path)
-    shard_format.write_manifest(tmp_path, {"x": 1})
-    assert shard_format.read_manifest(tmp_path)["x"] == 1
+    shard_format.write_manifest(tmp_path, {"x": 1, "version": 1})
+    shard_format.write_manifest(tmp_path, {"x": 2, "version": 2})
+    assert shard_format.read_manifest(tmp_path)["x"] == 2
+    assert shard_format.read_manifest(tmp_path, 1)["x"] == 1
+    assert shard_format.list_versions(tmp_path) == [1, 2]
+    with pytest.raises(shard_format.ShardFormatError, match=r"no dataset version 3 .*\[1, 2\]"):
+        shard_format.read_manifest(tmp_path, 3)
