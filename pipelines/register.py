@@ -8,6 +8,8 @@
 2. exports the model package (components/inference/package.py) to <run.root>/packages/<parent run>;
 3. evaluates the gate (components/evaluation/gate.py) on the package as loaded back (what
    would ship) against the untrained start: held-out validation loss and conditioning checks;
+   a registered champion of another training is measured on the same held-out rows, for
+   promotion to compare like with like;
 4. logs the gate into the training's MLflow parent run and, only if it passed, registers the
    package as a new version of `registry.model_name` with alias `candidate` and lineage tags.
 Rerunning does not register twice: the version whose training_run_id tag is this training's is
@@ -108,7 +110,8 @@ def run_registration(config: PipelineConfig, *, training: str | None = None) -> 
             lineage=lineage,
             out_dir=package_dir,
         )
-    gate = evaluate_gate(config, load_package(package_dir))
+    champion_version, champion = _champion_to_compare(config, run_id)
+    gate = evaluate_gate(config, load_package(package_dir), champion=champion)
     gate_metrics = {f"gate.{key}": value for key, value in gate.metrics().items()}
     client.log_batch(run_id, metrics=metric_entities(gate_metrics, step=0))
     version = None
@@ -123,7 +126,7 @@ def run_registration(config: PipelineConfig, *, training: str | None = None) -> 
                 model_name=config.registry.model_name,
                 run_id=run_id,
                 gate=gate.metrics(),
-                tags=lineage,
+                tags=lineage | ({"gate.champion_version": champion_version} if champion else {}),
             )
     return RegistrationResult(
         gate=gate,
@@ -164,15 +167,49 @@ def gate_inputs(config: PipelineConfig):
     )
 
 
-def evaluate_gate(config: PipelineConfig, parts) -> GateResult:
-    """The gate (components/evaluation/gate.py) on `parts` against this run's untrained start."""
+def current_champion(config: PipelineConfig):
+    """The registered model version with alias `champion`, or None."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from components.inference.registry import CHAMPION_ALIAS
+
+    client = MlflowClient(tracking_uri(config))
+    try:
+        return client.get_model_version_by_alias(config.registry.model_name, CHAMPION_ALIAS)
+    except MlflowException:
+        return None
+
+
+def _champion_to_compare(config: PipelineConfig, run_id: str):
+    """(version, networks) of the champion when it is another training's, else (None, None)."""
+    from components.inference.registry import load_parts
+    from components.training.objective import QwenFluxModel
+
+    champion = current_champion(config)
+    if champion is None or champion.tags.get("training_run_id") == run_id:
+        return None, None
+    version = str(champion.version)
+    parts = load_parts(
+        f"models:/{config.registry.model_name}/{version}",
+        tracking_uri=tracking_uri(config),
+        cache_dir=RunLayout(config).root / "packages" / ".champions",
+    )
+    return version, QwenFluxModel(parts.tail, parts.connector, parts.transformer)
+
+
+def evaluate_gate(config: PipelineConfig, parts, *, champion=None) -> GateResult:
+    """The gate (components/evaluation/gate.py) on `parts` against this run's untrained start
+    (and `champion`, when given, on the same held-out rows)."""
     from components.evaluation import gate
     from components.training.model_loading import load_training_model
 
     base, convention = load_training_model(
         config.data.encode, dataset_root=RunLayout(config).dataset_root, seed=config.run.seed
     )
-    return gate.evaluate_gate(parts, base=base, convention=convention, inputs=gate_inputs(config))
+    return gate.evaluate_gate(
+        parts, base=base, convention=convention, inputs=gate_inputs(config), champion=champion
+    )
 
 
 def run_promotion(config: PipelineConfig, *, version: str | None = None):

@@ -100,27 +100,14 @@ def _run_register(context: StepContext) -> StepResult:
     return StepResult(outputs=outputs, summary=result.format())
 
 
-def _current_champion(config: PipelineConfig) -> str | None:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from components.inference.registry import CHAMPION_ALIAS
-
-    client = MlflowClient(RunLayout(config).tracking_uri)
-    try:
-        found = client.get_model_version_by_alias(config.registry.model_name, CHAMPION_ALIAS)
-    except MlflowException:
-        return None
-    return str(found.version)
-
-
 def _run_promote(context: StepContext) -> StepResult:
-    from pipelines.register import run_promotion
+    from pipelines.register import current_champion, run_promotion
 
     config = context.config
     candidate = context.upstream["register"]["version"]
     if candidate is None:
-        champion = _current_champion(config)
+        found = current_champion(config)
+        champion = str(found.version) if found is not None else None
         outputs = {"candidate": None, "promoted": False, "champion": champion}
         return StepResult(outputs=outputs, summary="nothing to promote: the gate refused it")
     decision = run_promotion(config, version=candidate)

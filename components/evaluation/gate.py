@@ -65,6 +65,9 @@ class GateResult:
     per_sigma: dict[float, float]
     checks: tuple[CheckResult, ...] = ()
     """The conditioning checks `conditioning.modes` asked for."""
+    champion_validation_loss: float | None = None
+    """The current champion's loss on the same held-out rows (None: no champion to compare);
+    promotion compares with it, as another dataset version holds out other rows."""
 
     def message(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
@@ -73,7 +76,12 @@ class GateResult:
             f"{self.base_validation_loss:.4f} ({self.improvement:+.1%} better; "
             f"needs >= {self.min_improvement:.1%})"
         )
-        return "\n".join([loss_line, *(f"  {check.message()}" for check in self.checks)])
+        lines = [loss_line, *(f"  {check.message()}" for check in self.checks)]
+        if self.champion_validation_loss is not None:
+            lines.append(
+                f"  the champion on the same held-out rows: {self.champion_validation_loss:.4f}"
+            )
+        return "\n".join(lines)
 
     def metrics(self) -> dict[str, float]:
         metrics = {
@@ -82,6 +90,8 @@ class GateResult:
             "improvement": self.improvement,
             "passed": float(self.passed),
         }
+        if self.champion_validation_loss is not None:
+            metrics["champion_validation_loss"] = self.champion_validation_loss
         for check in self.checks:
             metrics[f"conditioning_{check.mode}_accuracy"] = check.accuracy
             metrics[f"conditioning_{check.mode}_chance"] = check.chance
@@ -94,8 +104,10 @@ def evaluate_gate(
     base: QwenFluxModel,
     convention: LatentConvention,
     inputs: GateInputs,
+    champion: QwenFluxModel | None = None,
 ) -> GateResult:
-    """Both bars on the package's networks (see the module docstring)."""
+    """Both bars on the package's networks (see the module docstring); `champion` (the
+    registered champion's networks) gets its loss measured on the same held-out batch."""
     batch = LoopData.from_dataset(
         inputs.dataset_root, num_validation_samples=inputs.num_validation_samples, device="cpu"
     ).validation_batch
@@ -104,6 +116,12 @@ def evaluate_gate(
     base_losses = validation_losses(base.eval(), batch, objective=objective, convention=convention)
     losses = validation_losses(trained.eval(), batch, objective=objective, convention=convention)
     loss, base_loss = _mean(losses), _mean(base_losses)
+    champion_loss = None
+    if champion is not None:
+        champion_losses = validation_losses(
+            champion.eval(), batch, objective=objective, convention=convention
+        )
+        champion_loss = _mean(champion_losses)
     improvement = 1.0 - loss / base_loss if base_loss > 0 else 0.0
     checks = conditioning_checks(parts, trained, convention=convention, inputs=inputs)
     passed = math.isfinite(loss) and improvement >= inputs.min_improvement
@@ -115,6 +133,7 @@ def evaluate_gate(
         min_improvement=inputs.min_improvement,
         per_sigma=losses,
         checks=checks,
+        champion_validation_loss=champion_loss,
     )
 
 

@@ -255,7 +255,13 @@ def promote(
         champion_value = candidate_value
         message = f"version {candidate.version} is already the champion"
     else:
-        champion_value = _gate_value(_model_version(client, model_name, champion_version), metric)
+        # A newer dataset version holds out other rows: compare on the candidate's own rows
+        # when its gate measured this champion there (components/evaluation/gate.py).
+        if candidate.tags.get(f"{GATE_TAG_PREFIX}champion_version") == champion_version:
+            champion_value = _gate_value(candidate, f"champion_{metric}")
+        else:
+            champion = _model_version(client, model_name, champion_version)
+            champion_value = _gate_value(champion, metric)
         promoted = candidate_value < champion_value
         verdict = "replaces" if promoted else "does not beat"
         message = (

@@ -157,6 +157,19 @@ def test_promotion_follows_the_gate(registry, server_uri, packages):
     client.delete_model_version_tag(MODEL, better, "gate.validation_loss")
     with pytest.raises(RegistryError, match="gate.validation_loss"):
         promote(tracking_uri=server_uri, model_name=MODEL, version="2")
+    # A candidate whose gate measured the champion on its own held-out rows (a newer dataset
+    # version) is compared with that number, not with the champion's own tag.
+    fairer = register_model(
+        package_dir=packages[0],
+        tracking_uri=server_uri,
+        model_name=MODEL,
+        run_id=runs[0],
+        gate={"validation_loss": 0.4, "champion_validation_loss": 0.6},
+        tags=_lineage(runs[0], 1) | {"gate.champion_version": better},
+    )
+    decision = promote(tracking_uri=server_uri, model_name=MODEL)
+    assert decision.promoted and (decision.candidate_value, decision.champion_value) == (0.4, 0.6)
+    assert client.get_registered_model(MODEL).aliases["champion"] == fairer
 
 
 def _same_weights(parts, expected) -> None:
