@@ -178,9 +178,11 @@ def register_sources(layout: DataLayout, lists: Sequence[UrlList], *, chunk_size
     existing = read_registry(layout)
     published = max(shard_format.list_versions(layout.data), default=0)
     version = published + 1
-    known = {_identity(row): row for row in existing}
+    known: dict[str, dict[tuple[str, str, int], dict]] = {}
+    for row in existing:
+        known.setdefault(row["source_list"], {})[_identity(row)] = row
     listed = {item.name for item in lists}
-    gone = sorted({row["source_list"] for row in existing} - listed)
+    gone = sorted(set(known) - listed)
     if gone:
         raise SourceListError(
             f"url list {gone[0]!r} is part of this dataset but no longer listed in "
@@ -189,7 +191,7 @@ def register_sources(layout: DataLayout, lists: Sequence[UrlList], *, chunk_size
     added: list[dict[str, Any]] = []
     next_chunk = 1 + max((row["chunk_index"] for row in existing), default=-1)
     for item in lists:
-        new_rows = _new_rows(item, known)
+        new_rows = _new_rows(item, known.get(item.name, {}))
         for start in range(0, len(new_rows), chunk_size):
             for row in new_rows[start : start + chunk_size]:
                 key = f"{len(existing) + len(added):09d}"
@@ -217,7 +219,8 @@ def read_registry(layout: DataLayout) -> list[dict[str, Any]]:
 
 
 def _new_rows(item: UrlList, known: dict[tuple[str, str, int], dict]) -> list[dict[str, Any]]:
-    """Rows of one list that are not registered; every registered row must still be listed."""
+    """Rows of one list that are not registered (`known`: the list's registered rows by
+    identity); every registered row must still be listed."""
     occurrences: Counter[str] = Counter()
     seen, new = set(), []
     for row in read_list_rows(item.path):
@@ -233,8 +236,7 @@ def _new_rows(item: UrlList, known: dict[tuple[str, str, int], dict]) -> list[di
         seen.add(identity)
         if identity not in known:
             new.append(full)
-    missing = [row for identity, row in known.items() if identity[0] == item.name]
-    missing = [row for row in missing if _identity(row) not in seen]
+    missing = [row for identity, row in known.items() if identity not in seen]
     if missing:
         raise SourceListError(
             f"{item.path}: {len(missing)} rows registered from this list are no longer in it "
