@@ -193,7 +193,7 @@ def _champion_to_compare(config: PipelineConfig, run_id: str):
     parts = load_parts(
         f"models:/{config.registry.model_name}/{version}",
         tracking_uri=tracking_uri(config),
-        cache_dir=RunLayout(config).root / "packages" / ".champions",
+        cache_dir=RunLayout(config).registry_cache,
     )
     return version, QwenFluxModel(parts.tail, parts.connector, parts.transformer)
 

@@ -7,6 +7,7 @@
     <root>/trainings/<training>.json the training's MLflow parent run (kept for resume)
     <root>/workflow/                 workflow runs (runs/<id>.json) and step markers (steps/)
     <root>/packages/<run id>/        the exported model package of a training run
+    <root>/packages/.registry/       registered packages downloaded for the gate (the champion)
     <root>/mlflow.db, mlartifacts/   SQLite tracking store and artifacts (unless tracking.* says)
     <root>/demo-requests/            the demo's request file and its images
     <root>/inference/                the demo's batch inference output (images/, results.parquet)
@@ -100,6 +101,11 @@ class RunLayout:
 
     def package_dir(self, training_run_id: str) -> Path:
         return self.root / "packages" / training_run_id
+
+    @property
+    def registry_cache(self) -> Path:
+        """Registered packages downloaded to compare with (components/inference/registry.py)."""
+        return self.root / "packages" / ".registry"
 
     @property
     def tracking_uri(self) -> str:

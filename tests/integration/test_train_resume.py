@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+from subprocess_runs import start_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,17 +54,6 @@ def _command(root: Path, models, dataset: Path, *, strategy: str = "ddp") -> lis
     return command
 
 
-def _start(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        cwd=Path(__file__).parents[2],
-    )
-
-
 def _losses(root: Path) -> dict[str, list[tuple[int, float]]]:
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("train")
@@ -82,7 +72,7 @@ def straight(tmp_path_factory, tiny_models_dir, tiny_data_run):
     data_config, _ = tiny_data_run
     dataset = Path(data_config.run.root) / "data"
     root = tmp_path_factory.mktemp("straight")
-    process = _start(_command(root, tiny_models_dir, dataset))
+    process = start_group(_command(root, tiny_models_dir, dataset))
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-3000:]
     return dataset, _losses(root)
@@ -132,7 +122,7 @@ def test_killed_worker_then_sigkill_then_rerun_matches_straight_run(
     dataset, expected = straight
     root = tmp_path / "resumed"
     command = _command(root, tiny_models_dir, dataset, strategy="fsdp")
-    run = _start(command)
+    run = start_group(command)
     _wait_for_steps(root, run, "stage2", 2)
     workers = _train_workers(run)
     assert len(workers) == 2, "expected the two Ray Train worker processes"
@@ -146,7 +136,7 @@ def test_killed_worker_then_sigkill_then_rerun_matches_straight_run(
     run.communicate(timeout=60)
     assert run.returncode != 0, "the run ended before the kill; nothing was resumed"
 
-    rerun = _start(command)
+    rerun = start_group(command)
     output, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, output[-3000:]
     got = _losses(root)

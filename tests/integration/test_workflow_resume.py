@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_overrides
 from mlflow.tracking import MlflowClient
+from subprocess_runs import start_group
 
 from components.data import shard_format
 from components.data.demo_corpus import write_synthetic_corpus, write_url_list
@@ -77,20 +78,8 @@ def _command(root: Path, models, corpus_folder: Path, requests: Path, lists: Pat
     return command + [argument for item in overrides for argument in ("--set", item)]
 
 
-def _start(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        cwd=Path(__file__).parents[2],
-    )
-
-
 def _finish(command: list[str]) -> str:
-    process = _start(command)
+    process = start_group(command)
     output, _ = process.communicate(timeout=900)
     assert process.returncode == 0, output[-4000:]
     return output
@@ -105,7 +94,7 @@ def _record(root: Path) -> dict | None:
 def _kill_inside(command: list[str], root: Path, step: str, delay: float) -> str:
     """Start the command, SIGKILL its process group `delay` seconds after `step` starts, and
     check that the kill landed inside the step (its completion marker is not written)."""
-    process = _start(command)
+    process = start_group(command)
     deadline = time.monotonic() + 600
     while True:
         assert process.poll() is None, f"the run ended before {step} started: {_tail(process)}"
