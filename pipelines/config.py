@@ -43,6 +43,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.root:
             raise ValueError("root must name a directory")
+        if "://" in self.root:
+            raise ValueError(
+                f"root must be a local path or a shared mount, not {self.root!r}; object storage "
+                "goes in train.storage_path (checkpoints) and tracking.artifact_location"
+            )
         if self.local_num_cpus is not None and self.local_num_cpus < 1:
             raise ValueError("local_num_cpus must be >= 1")
 

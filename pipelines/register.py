@@ -4,7 +4,8 @@
     qwenflux promote --config tiny [--version N]
 
 `run_registration(config)` (of the training of the current dataset, or the one named):
-1. finds the training's final checkpoint (last stage, last step) in `train.storage_path`;
+1. finds the training's final checkpoint (last stage, last step) in `train.storage_path` (a
+   copy in <run.root>/train-cache/ when that is on object storage);
 2. exports the model package (components/inference/package.py) to <run.root>/packages/<parent run>;
 3. evaluates the gate (components/evaluation/gate.py) on the package as loaded back (what
    would ship) against the untrained start: held-out validation loss and conditioning checks;
@@ -54,13 +55,10 @@ class RegistrationResult:
 
 
 def final_checkpoint(config: PipelineConfig, training: str) -> Path:
-    """The latest checkpoint folder whose state says the last stage's last step is done."""
+    """The latest checkpoint folder whose state says the last stage's last step is done (read
+    back into the run directory when it is on object storage)."""
     layout = RunLayout(config)
     storage = layout.train_storage
-    if not layout.is_storage_local:
-        raise NotImplementedError(
-            f"train.storage_path {storage}: registration reads local checkpoints only so far"
-        )
     last = len(config.train.stages) - 1
     final_steps = config.train.stages[-1].num_steps
     found = [
@@ -73,7 +71,12 @@ def final_checkpoint(config: PipelineConfig, training: str) -> Path:
             f"no final checkpoint (stage {last + 1}, step {final_steps}) of training "
             f"{training} under {storage}: run `qwenflux train` with this config first"
         )
-    return found[-1]
+    if layout.is_storage_local:
+        return found[-1]
+    from pipelines.storage import download_folder
+
+    uri = str(found[-1])
+    return download_folder(uri, layout.train_cache(training) / uri.rsplit("/", 1)[-1])
 
 
 def training_run_id(config: PipelineConfig, training: str) -> str:

@@ -4,6 +4,7 @@
                                      train.dataset names another dataset root
     <root>/train/<training>/         Ray Train's storage: checkpoint_*/ folders (train.storage_path
                                      may move it, to a local folder or s3:// / gs://)
+    <root>/train-cache/<training>/   final checkpoints read back from object storage to register
     <root>/trainings/<training>.json the training's MLflow parent run (kept for resume)
     <root>/workflow/                 workflow runs (runs/<id>.json) and step markers (steps/)
     <root>/packages/<run id>/        the exported model package of a training run
@@ -77,18 +78,24 @@ class RunLayout:
     def is_storage_local(self) -> bool:
         return "://" not in self.train_storage
 
-    def checkpoint_states(self, training: str) -> list[tuple[Path, dict]]:
-        """(folder, state.json contents) of a training's checkpoints, oldest first, when the
-        storage is local; empty for object storage (s3://, gs://)."""
+    def checkpoint_states(self, training: str) -> list[tuple[Path | str, dict]]:
+        """(folder, state.json contents) of a training's checkpoints, oldest first: local
+        folders, or URIs on object storage (s3://, gs://; pipelines/storage.py)."""
         from components.training.checkpoint_state import STATE_FILE
 
         if not self.is_storage_local:
-            return []
+            from pipelines.storage import list_checkpoint_states
+
+            return list_checkpoint_states(f"{self.train_storage}/{training}", STATE_FILE)
         run_dir = Path(self.train_storage) / training
         return [
             (state_file.parent, json.loads(state_file.read_text()))
             for state_file in sorted(run_dir.glob(f"checkpoint_*/{STATE_FILE}"))
         ]
+
+    def train_cache(self, training: str) -> Path:
+        """Local copies of a training's checkpoints read back from object storage."""
+        return self.root / "train-cache" / training
 
     def training_marker(self, training: str) -> Path:
         """The training's MLflow parent run id and inputs (written when it starts)."""

@@ -72,6 +72,7 @@ def _train_fingerprint(config: PipelineConfig) -> dict[str, Any]:
 
 
 def _run_train(context: StepContext) -> StepResult:
+    from pipelines.storage import checkpoint_uri
     from pipelines.train import run_training
 
     # A forced (--from) run trains afresh, under a name salted with the workflow run's id.
@@ -82,7 +83,7 @@ def _run_train(context: StepContext) -> StepResult:
         "training_run_id": training.parent_run_id,
         "dataset_id": training.dataset_id,
         "dataset_version": training.dataset_version,
-        "checkpoint": str(training.result.checkpoint.path),
+        "checkpoint": checkpoint_uri(training.result.checkpoint),
     }
     return StepResult(outputs=outputs, summary=f"training {training.name}")
 

@@ -110,3 +110,12 @@ def test_lists_of_sections_load_and_override_by_position():
         apply_override(table, Training, "stages.3.num_steps=1")
     with pytest.raises(ConfigError, match=r"address items as stages\.<n>"):
         apply_override(table, Training, "stages.num_steps=1")
+
+
+def test_a_run_root_on_object_storage_is_refused_with_where_object_storage_goes():
+    from pipelines.config import load_config
+
+    with pytest.raises(
+        ConfigError, match=r"\[run\] root must be a local path.*train\.storage_path"
+    ):
+        load_config("tiny", ["run.root=s3://bucket/runs/tiny"])
