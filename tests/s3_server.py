@@ -10,8 +10,6 @@ The server runs in its own session and is stopped by whoever started it, on the 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mlflow_servers import free_port
+from subprocess_runs import stop_group
 
 
 @contextlib.contextmanager
@@ -56,12 +55,7 @@ def s3_server(root: Path, *, bucket: str, timeout_s: float = 60) -> Iterator[dic
         ).create_bucket(Bucket=bucket)
         yield env
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)
 
 
 def _wait_up(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
