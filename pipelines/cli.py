@@ -8,6 +8,10 @@
                                                     the workflow as a job on a Ray cluster
     qwenflux tiny-models --out DIR [--seed N]      build the tiny random checkpoints
     qwenflux data --config PRESET [--set k=v]      run or resume the data pipeline
+    qwenflux data inspect [RUN_DIR] [--config PRESET] [--version N]
+                                                    contact sheets per bucket and a counts chart
+                                                    of a dataset version (default RUN_DIR:
+                                                    run.root) under <RUN_DIR>/data/inspect/
     qwenflux train --config PRESET [--set k=v]     run or resume the three-stage fine-tune
     qwenflux register --config PRESET              package the trained model, gate, register
     qwenflux promote --config PRESET [--version N] candidate -> champion if it beats it
@@ -91,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(configured["run"])
     configured["status"].add_argument("run_id", nargs="?", default=None, help="default: latest")
     configured["promote"].add_argument("--version", help="version to promote (default: candidate)")
+    _add_data_inspect(configured["data"])
     for name in QUIET_COMMANDS:
         configured[name].add_argument(
             "--verbose", action="store_true", help="show every library and Ray log line"
@@ -125,6 +130,20 @@ def _add_submit(commands) -> None:
     submit.add_argument("workflow", nargs=argparse.REMAINDER, help="-- run TARGET --config ...")
 
 
+def _add_data_inspect(data) -> None:
+    # RUN_DIR goes right after `inspect`: argparse (3.11) cannot place an optional positional
+    # that follows options.
+    data.add_argument(
+        "action", nargs="?", choices=("inspect",), default=None, help="inspect: draw the dataset"
+    )
+    data.add_argument(
+        "run_dir", nargs="?", type=Path, default=None, help="inspect: run directory (run.root)"
+    )
+    data.add_argument(
+        "--version", type=int, default=None, help="inspect: dataset version (default: latest)"
+    )
+
+
 def _add_run_options(run) -> None:
     run.add_argument("target", choices=WORKFLOW_TARGETS, help="last step to run")
     run.add_argument(
@@ -154,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "status":
             return _status(config, args.run_id)
+        if args.command == "data" and (args.action or args.version is not None):
+            return _data_inspect(
+                config, action=args.action, run_dir=args.run_dir, version=args.version
+            )
         if args.command in QUIET_COMMANDS:
             return _quietly(config, args)
         return _generate(config, args)
@@ -291,6 +314,18 @@ def _data(config) -> int:
     return 0
 
 
+def _data_inspect(config, *, action: str | None, run_dir: Path | None, version: int | None) -> int:
+    from pipelines.data_inspect import inspect_dataset
+    from pipelines.run_layout import RunLayout
+
+    if action != "inspect":
+        raise ConfigError("--version belongs to `qwenflux data inspect`")
+    root = run_dir if run_dir is not None else RunLayout(config).root
+    report = inspect_dataset(Path(root), version=version, seed=config.run.seed)
+    say(report.format())
+    return 0
+
+
 def _train(config) -> int:
     from pipelines.train import run_training
     from pipelines.train_tracking import tracking_uri
@@ -354,8 +389,10 @@ def _demo(config) -> int:
     flux_dir = Path(config.data.encode.flux)
     if qwen_dir.parent != flux_dir.parent:
         raise ConfigError("demo builds tiny models: data.encode.qwen2vl and .flux need one parent")
-    if config.data.source.url_lists:
-        raise ConfigError("demo runs on the synthetic corpus: data.source.url_lists must be empty")
+    if not any(source.kind == "synthetic" for source in config.data.sources):
+        raise ConfigError(
+            "demo needs a synthetic source in [[data.sources]]: its requests use the corpus"
+        )
     _tiny_models(qwen_dir.parent, config.run.seed)
     layout = RunLayout(config)
     write_demo_corpus(config)

@@ -21,6 +21,7 @@ from components.training.objective import ObjectiveConfig
 from components.training.optimizer import GuardConfig, OptimizerConfig
 from components.training.stages import StageConfig
 from pipelines.config_loading import ConfigError, apply_override, build, load_toml
+from pipelines.source_config import DataSourceConfig, SyntheticCorpusConfig, check_sources
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -50,29 +51,6 @@ class RunConfig:
             )
         if self.local_num_cpus is not None and self.local_num_cpus < 1:
             raise ValueError("local_num_cpus must be >= 1")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class SourceConfig:
-    """Where the url + caption lists come from."""
-
-    url_lists: tuple[str, ...] = ()
-    """Url lists: Parquet or JSONL files with `url`, `caption` and optional score columns, or
-    folders of them. A rerun that finds new lists or new rows adds them as a new dataset
-    version (pipelines/data_sources.py). Empty = the synthetic demo corpus in the run
-    directory."""
-    serve_dir: str = ""
-    """Folder served over HTTP on 127.0.0.1 for the run; relative urls resolve against it."""
-    synthetic_count: int = 96
-    """Images in the synthetic demo corpus (used when url_lists is empty)."""
-    synthetic_max_side_px: int = 160
-    """Longest side of the synthetic demo images."""
-
-    def __post_init__(self) -> None:
-        if self.synthetic_count < 1:
-            raise ValueError("synthetic_count must be >= 1")
-        if self.synthetic_max_side_px < 16:
-            raise ValueError("synthetic_max_side_px must be >= 16")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -122,7 +100,9 @@ class ShardConfig:
 class DataConfig:
     """Everything the data pipeline needs, one section per step."""
 
-    source: SourceConfig
+    sources: tuple[DataSourceConfig, ...]
+    """The dataset's sources (`[[data.sources]]`), each with a name, kind and weight."""
+    synthetic: SyntheticCorpusConfig
     url_policy: UrlPolicyConfig
     download: DownloadConfig
     filters: FilterConfig
@@ -130,6 +110,13 @@ class DataConfig:
     encode: EncodeConfig
     shards: ShardConfig
     resources: DataResourcesConfig
+
+    def __post_init__(self) -> None:
+        check_sources(self.sources)
+
+    def source(self, name: str) -> DataSourceConfig:
+        """The source called `name`."""
+        return next(source for source in self.sources if source.name == name)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

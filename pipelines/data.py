@@ -1,6 +1,6 @@
-"""The data workflow: url lists -> source registry -> policy -> img2dataset (Ray tasks) ->
-filters -> buckets -> dedup -> encoder actor pool (Ray Data) -> Parquet shards + a manifest
-per dataset version.
+"""The data workflow: sources -> source registry -> (url policy -> img2dataset) or direct reads
+of local files (Ray tasks) -> filters -> buckets -> dedup -> encoder actor pool (Ray Data) ->
+Parquet shards + a manifest per dataset version.
 
 Each image is decoded and fitted to its bucket once, in the chunk task; the encoder actors read
 the fitted pixels from the chunk's fitted files (pipelines/data_layout.py).
@@ -10,7 +10,7 @@ and a (chunk, bucket) group for encoding (one shard file per group). A rerun of 
 skips every piece whose file exists, so a killed run finishes with exactly the keys of an
 uninterrupted one. Every source row ends in exactly one outcome row ("kept" or a reason).
 
-Growth (pipelines/data_sources.py): rows of a new list, or new rows of a known one, are
+Growth (pipelines/data_sources.py): rows of a new source or list, or new rows of a known one, are
 registered in new chunks, so a refresh downloads and encodes only them; every earlier chunk
 already has its outcome file and shards. Dedup keeps the lowest key and compares later rows with
 kept rows only, so new rows never change what earlier versions kept.
@@ -32,10 +32,16 @@ from components.data import shard_format
 from components.data.buckets import build_buckets
 from components.data.filters import find_duplicates
 from pipelines.config import DataConfig, PipelineConfig
-from pipelines.data_chunks import ChunkConfigs, process_chunk
+from pipelines.data_chunks import ChunkConfigs, ChunkSource, process_chunk
 from pipelines.data_layout import DataLayout, read_fitted_slices, read_outcomes, write_table_atomic
 from pipelines.data_report import DataSummary, build_manifest, write_encoder_description
-from pipelines.data_sources import UrlList, discover_lists, register_sources, state_fingerprint
+from pipelines.data_sources import (
+    Registry,
+    SourceList,
+    discover_lists,
+    register_sources,
+    state_fingerprint,
+)
 from pipelines.environment import apply_quiet_environment
 from pipelines.ray_session import ray_session
 
@@ -43,8 +49,9 @@ ENCODE_SLICE_ROWS = 64
 """Samples encoded and written per slice inside one group (bounds actor memory)."""
 
 
-STATE_VERSION = 2
-"""2: the url lists are not part of the state (the dataset grows from them)."""
+STATE_VERSION = 3
+"""2: the url lists are not part of the state (the dataset grows from them); 3: sources of
+several kinds ([[data.sources]]), registry rows carry their source."""
 
 
 class RunStateError(RuntimeError):
@@ -54,57 +61,91 @@ class RunStateError(RuntimeError):
 def run_data(config: PipelineConfig, *, show_progress: bool = True) -> DataSummary:
     """Run (or resume) the whole data pipeline; returns the summary the manifest holds."""
     layout = DataLayout(Path(config.run.root))
-    with _served_source(config, layout) as (lists, base_url):
+    with _served_sources(config) as base_urls:
         _check_state(layout, config.data)
-        registry = register_sources(layout, lists, chunk_size=config.data.resources.chunk_size)
+        synthetic = write_demo_corpus(config) if _has_synthetic(config.data) else None
+        lists = discover_lists(config.data, synthetic_list=synthetic)
+        registry = register_sources(layout, lists, config=config.data)
         chunks = registry.chunks()
         with ray_session(config.run, temp_root=layout.root):
             _process_chunks(
                 chunks,
                 layout=layout,
                 config=config.data,
-                base_url=base_url,
+                sources=_chunk_sources(registry, lists, config.data, base_urls),
                 show_progress=show_progress,
             )
             duplicates = _mark_duplicates(layout, len(chunks), config.data)
             _encode_groups(
-                layout, config=config.data, duplicates=duplicates, show_progress=show_progress
+                layout,
+                config=config.data,
+                duplicates=duplicates,
+                chunk_sources={i: pair[0] for i, pair in registry.chunk_lists().items()},
+                show_progress=show_progress,
             )
         return build_manifest(layout, config=config, registry=registry, duplicates=duplicates)
 
 
+def _has_synthetic(config: DataConfig) -> bool:
+    return any(source.kind == "synthetic" for source in config.sources)
+
+
 @contextlib.contextmanager
-def _served_source(
-    config: PipelineConfig, layout: DataLayout
-) -> Iterator[tuple[list[UrlList], str]]:
-    """The url lists, with a loopback server over `serve_dir` (or the synthetic corpus)."""
+def _served_sources(config: PipelineConfig) -> Iterator[dict[str, str]]:
+    """{source name: base url} of a loopback server per source that serves a folder (a url
+    list's `serve_dir`, the synthetic corpus' folder), up for the run."""
     from components.data.loopback_server import LoopbackServer
 
-    url_lists, serve_dir = config.data.source.url_lists, config.data.source.serve_dir
-    if not url_lists:
-        url_lists = (str(write_demo_corpus(config)),)
-        serve_dir = str(Path(url_lists[0]).parent)
-    lists = discover_lists(url_lists)
-    if not serve_dir:
-        yield lists, ""
-        return
-    with LoopbackServer(Path(serve_dir)) as server:
-        yield lists, server.base_url
+    folders = {
+        source.name: source.serve_dir
+        for source in config.data.sources
+        if source.kind == "url_list" and source.serve_dir
+    }
+    for source in config.data.sources:
+        if source.kind == "synthetic":
+            folders[source.name] = str(_corpus_folder(config))
+    with contextlib.ExitStack() as stack:
+        base_urls = {}
+        for name, folder in folders.items():
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            base_urls[name] = stack.enter_context(LoopbackServer(Path(folder))).base_url
+        yield base_urls
+
+
+def _chunk_sources(
+    registry: Registry, lists: list[SourceList], config: DataConfig, base_urls: dict[str, str]
+) -> dict[int, ChunkSource]:
+    """What each chunk task reads: its source's kind and reader, its list's path, base url."""
+    paths = {(item.source, item.name): item.path for item in lists}
+    chunk_sources = {}
+    for index, (source_name, list_name) in registry.chunk_lists().items():
+        source = config.source(source_name)
+        chunk_sources[index] = ChunkSource(
+            kind=source.kind,
+            reader=source.reader_config(),
+            list_path=paths[(source_name, list_name)],
+            base_url=base_urls.get(source_name, ""),
+        )
+    return chunk_sources
+
+
+def _corpus_folder(config: PipelineConfig) -> Path:
+    return DataLayout(Path(config.run.root)).data / "corpus"
 
 
 def write_demo_corpus(config: PipelineConfig) -> Path:
-    """The synthetic corpus a run without a url list downloads: written once (deterministic from
-    the seed) into <root>/data/corpus/; returns its url list."""
+    """The synthetic source's corpus: written once (deterministic from the seed) into
+    <root>/data/corpus/; returns its url list."""
     from components.data.demo_corpus import write_synthetic_corpus, write_url_list
 
-    folder = DataLayout(Path(config.run.root)).data / "corpus"
+    folder = _corpus_folder(config)
     url_list = folder / "urls.parquet"
     if not url_list.exists():
         items = write_synthetic_corpus(
             folder,
-            count=config.data.source.synthetic_count,
+            count=config.data.synthetic.count,
             seed=config.run.seed,
-            max_side_px=config.data.source.synthetic_max_side_px,
+            max_side_px=config.data.synthetic.max_side_px,
         )
         write_url_list(items, url_list)
     return url_list
@@ -134,7 +175,7 @@ def _process_chunks(
     *,
     layout: DataLayout,
     config: DataConfig,
-    base_url: str,
+    sources: dict[int, ChunkSource],
     show_progress: bool,
 ) -> None:
     import ray
@@ -144,12 +185,14 @@ def _process_chunks(
     task = ray.remote(num_cpus=config.resources.cpus_per_chunk_task, max_retries=2)(process_chunk)
     configs = ChunkConfigs(config.url_policy, config.download, config.filters, config.buckets)
     pending = [
-        task.remote(index, rows, layout_root=str(layout.root), config=configs, base_url=base_url)
+        task.remote(
+            index, rows, layout_root=str(layout.root), config=configs, source=sources[index]
+        )
         for index, rows in enumerate(chunks)
         if not layout.chunk_outcome(index).exists()
     ]
     with progress_bar(
-        total=len(pending), desc="download+filter", unit="chunk", disable=not show_progress
+        total=len(pending), desc="read+filter", unit="chunk", disable=not show_progress
     ) as progress:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -180,14 +223,19 @@ def _mark_duplicates(layout: DataLayout, num_chunks: int, config: DataConfig) ->
 
 
 def _encode_groups(
-    layout: DataLayout, *, config: DataConfig, duplicates: dict, show_progress: bool
+    layout: DataLayout,
+    *,
+    config: DataConfig,
+    duplicates: dict,
+    chunk_sources: dict[int, str],
+    show_progress: bool,
 ) -> None:
     """Encode every (chunk, bucket) group that has no shard yet on the encoder actor pool."""
     import ray
 
     from pipelines.console import progress as progress_bar
 
-    groups = _pending_groups(layout, duplicates)
+    groups = _pending_groups(layout, duplicates, chunk_sources)
     if not groups:
         return
     # Our own progress bar counts samples; Ray Data's per-operator log lines only add noise.
@@ -214,7 +262,9 @@ def _encode_groups(
         raise RuntimeError(f"encoder wrote {written} rows for {expected} pending samples")
 
 
-def _pending_groups(layout: DataLayout, duplicates: dict) -> list[dict[str, Any]]:
+def _pending_groups(
+    layout: DataLayout, duplicates: dict, chunk_sources: dict[int, str]
+) -> list[dict[str, Any]]:
     groups = []
     index = 0
     while layout.chunk_outcome(index).exists():
@@ -229,6 +279,7 @@ def _pending_groups(layout: DataLayout, duplicates: dict) -> list[dict[str, Any]
                     {
                         "chunk_index": index,
                         "bucket_id": bucket_id,
+                        "source": chunk_sources[index],
                         "keys": keys,
                         "layout_root": str(layout.root),
                     }
@@ -260,17 +311,15 @@ class GroupEncoder:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         paths, counts = [], []
         for position in range(len(batch["chunk_index"])):
-            shard = self._encode_group(
-                int(batch["chunk_index"][position]),
-                str(batch["bucket_id"][position]),
-                [str(key) for key in batch["keys"][position]],
-                Path(str(batch["layout_root"][position])),
-            )
+            group = {name: batch[name][position] for name in batch}
+            shard = self._encode_group(group, Path(str(group["layout_root"])))
             paths.append(shard.path)
             counts.append(shard.num_rows)
         return {"shard": paths, "num_rows": counts}
 
-    def _encode_group(self, index: int, bucket_id: str, keys: list[str], root: Path):
+    def _encode_group(self, group: dict[str, Any], root: Path):
+        index, bucket_id = int(group["chunk_index"]), str(group["bucket_id"])
+        keys = [str(key) for key in group["keys"]]
         layout = DataLayout(root)
         write_encoder_description(layout, self._encoder.describe())
         bucket = self._buckets[bucket_id]
@@ -287,7 +336,8 @@ class GroupEncoder:
         )
         try:
             for slice_keys, images in slices:
-                writer.write_rows(self._encode_slice(slice_keys, images, outcomes, bucket))
+                rows = self._encode_slice(slice_keys, images, outcomes, bucket)
+                writer.write_rows([{**row, "source": str(group["source"])} for row in rows])
             return writer.close()
         except BaseException:
             writer.abort()
@@ -301,6 +351,8 @@ class GroupEncoder:
                 "sample_key": key,
                 "url": outcomes[key]["url"],
                 "caption": outcomes[key]["caption"],
+                "caption_origin": "given",
+                "caption_model": "",
                 "bucket_id": bucket.bucket_id,
                 "width_px": bucket.width_px,
                 "height_px": bucket.height_px,

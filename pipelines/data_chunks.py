@@ -1,5 +1,7 @@
-"""The chunk stage of the data workflow: URL policy -> img2dataset -> filters -> buckets for one
-chunk of source rows, run as a Ray task.
+"""The chunk stage of the data workflow, run as a Ray task for one chunk of source rows (all of
+one list): URL policy -> img2dataset -> filters -> buckets for url lists, direct reads (folder,
+tar members, Parquet image bytes; components/data/local_sources.py) -> filters -> buckets for
+local sources.
 
 Kept light on purpose: a chunk task imports only what it uses (no torch model code), because
 every fresh Ray worker pays for its imports. `process_chunk` writes each kept image, decoded and
@@ -43,13 +45,89 @@ class ChunkConfigs:
     buckets: BucketConfig
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkSource:
+    """Where a chunk's rows come from: its source's kind and reader config, its list's path and
+    the base url of the source's loopback server ("" when it has none)."""
+
+    kind: str
+    reader: Any
+    list_path: str
+    base_url: str = ""
+
+
 def process_chunk(
-    index: int, rows: list[dict[str, Any]], *, layout_root: str, config: ChunkConfigs, base_url: str
+    index: int,
+    rows: list[dict[str, Any]],
+    *,
+    layout_root: str,
+    config: ChunkConfigs,
+    source: ChunkSource,
 ) -> int:
-    """Policy + download + filter + bucket one chunk; writes its fitted images, then its outcome
-    file, each atomically."""
+    """Read (or policy + download) + filter + bucket one chunk; writes its fitted images, then
+    its outcome file, each atomically."""
     apply_quiet_environment()  # a Ray job's workers get no driver runtime_env (ray_session.py)
     layout = DataLayout(Path(layout_root))
+    if source.reader is not None:
+        outcomes = _process_local(index, rows, layout=layout, config=config, source=source)
+    else:
+        outcomes = _process_urls(
+            index, rows, layout=layout, config=config, base_url=source.base_url
+        )
+    outcomes.sort(key=lambda outcome: outcome["sample_key"])
+    write_table_atomic(
+        pa.Table.from_pylist(outcomes, schema=OUTCOME_SCHEMA), layout.chunk_outcome(index)
+    )
+    return len(outcomes)
+
+
+def _process_local(
+    index: int,
+    rows: list[dict[str, Any]],
+    *,
+    layout: DataLayout,
+    config: ChunkConfigs,
+    source: ChunkSource,
+) -> list[dict[str, Any]]:
+    from components.data.local_sources import LocalRow, read_local_images
+
+    local_rows = [
+        LocalRow(
+            row["url"].split(":", 1)[1],
+            row["caption"],
+            row["listing_rejection"],
+            row["listing_detail"] or "",
+            row["read_hint"] or "",
+        )
+        for row in rows
+    ]
+    results = read_local_images(source.kind, source.reader, source.list_path, local_rows)
+    outcomes = []
+    # Key order: the fitted files must list their images in sample_key order.
+    with FittedImageWriter(layout, index) as fitted:
+        for row, (data, reason, detail) in sorted(
+            zip(rows, results, strict=True), key=lambda pair: pair[0]["sample_key"]
+        ):
+            if row["duplicate_url"]:
+                outcomes.append(_outcome(row, stage="read", reason="duplicate_url"))
+            elif data is None:
+                outcomes.append(
+                    _outcome(row, stage="read", reason=reason or "unreadable", detail=detail)
+                )
+            else:
+                read = {"status": "success", "image": data}
+                outcomes.append(_filter_row(row, read, config, fitted))
+    return outcomes
+
+
+def _process_urls(
+    index: int,
+    rows: list[dict[str, Any]],
+    *,
+    layout: DataLayout,
+    config: ChunkConfigs,
+    base_url: str,
+) -> list[dict[str, Any]]:
     outcomes, to_download = [], []
     for row in rows:
         url = _resolve_url(row["url"], base_url)
@@ -67,11 +145,7 @@ def process_chunk(
             for downloaded in sorted(downloads, key=lambda downloaded: downloaded["key"]):
                 row = by_key[downloaded["key"]]
                 outcomes.append(_filter_row(row, downloaded, config, fitted))
-    outcomes.sort(key=lambda outcome: outcome["sample_key"])
-    write_table_atomic(
-        pa.Table.from_pylist(outcomes, schema=OUTCOME_SCHEMA), layout.chunk_outcome(index)
-    )
-    return len(outcomes)
+    return outcomes
 
 
 _NETWORK_FAILURES = ("connection_refused", "timeout")

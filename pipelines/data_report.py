@@ -1,10 +1,11 @@
 """The data run's manifest and printed summary.
 
 The manifest (`<root>/data/manifest.json`, and `<root>/data/versions/vNNNN.json` per version)
-is the contract's index: format version, dataset version and its url lists, counts (rows new in
+is the contract's index: format version, dataset version, its sources (kind, sampling weight,
+lists, and per source: rows, kept, rejections by reason, samples per bucket), counts (rows new in
 this version, reused from earlier ones, per bucket, per rejection reason), encoder
-ids/revisions/dtypes and layer cut, the config hash, every shard with its rows, bytes, list and
-version, bytes per sample per column, code version.
+ids/revisions/dtypes and layer cut, the config hash, every shard with its rows, bytes, source,
+list and version, bytes per sample per column, code version.
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def build_manifest(
     manifest = {
         "dataset_id": _dataset_id(shard_entries, config),
         "version": registry.version,
-        "sources": registry.list_summaries(),
+        "sources": _source_entries(
+            config, registry, outcomes.to_pylist(), duplicates, shard_entries
+        ),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "code_version": code_version(),
         "config_hash": config_hash(config),
@@ -142,20 +145,65 @@ def build_manifest(
             "columns_uncompressed": summary.column_bytes_per_sample,
         },
     }
-    summary.manifest_path = str(_publish(layout, manifest))
+    path, summary.version = _publish(layout, manifest)
+    summary.manifest_path = str(path)
     return summary
 
 
-def _publish(layout: DataLayout, manifest: dict[str, Any]) -> Path:
-    """Write the version's manifest; a published version whose shards are the same is left as
-    it is (a rerun of a finished version changes nothing, not even its timestamp)."""
+def _publish(layout: DataLayout, manifest: dict[str, Any]) -> tuple[Path, int]:
+    """Write the version's manifest; returns its path and version. A published version with the
+    same shards and source weights is left as it is (a rerun of a finished version changes
+    nothing, not even its timestamp); new weights on the same shards are a new version."""
     try:
         published = shard_format.read_manifest(layout.data, manifest["version"])
     except shard_format.ShardFormatError:
         published = None
     if published is not None and published["shards"] == manifest["shards"]:
-        return layout.data / shard_format.MANIFEST_NAME
-    return shard_format.write_manifest(layout.data, manifest)
+        if _weights(published) == _weights(manifest):
+            return layout.data / shard_format.MANIFEST_NAME, manifest["version"]
+        manifest = {**manifest, "version": manifest["version"] + 1}
+    return shard_format.write_manifest(layout.data, manifest), manifest["version"]
+
+
+def _weights(manifest: dict[str, Any]) -> dict[str, float]:
+    return {source["name"]: source["weight"] for source in manifest.get("sources", [])}
+
+
+def _source_entries(
+    config,
+    registry: Registry,
+    outcomes: list[dict[str, Any]],
+    duplicates: dict,
+    shard_entries: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Per source: name, kind, weight, its lists, and its rows, kept, rejections, buckets."""
+    source_of = {row["sample_key"]: row["source"] for row in registry.rows}
+    entries = []
+    for source in config.data.sources:
+        own = [row for row in outcomes if source_of[row["sample_key"]] == source.name]
+        keys = {row["sample_key"] for row in own}
+        per_bucket = Counter()
+        for entry in shard_entries:
+            if entry["source"] == source.name:
+                per_bucket[entry["bucket_id"]] += entry["num_rows"]
+        entries.append(
+            {
+                "name": source.name,
+                "kind": source.kind,
+                "weight": source.weight,
+                "lists": registry.list_summaries(source.name),
+                "counts": {
+                    "source_rows": len(own),
+                    "kept_by_filters": sum(row["reason"] == "kept" for row in own),
+                    "encoded": sum(per_bucket.values()),
+                    "rejected": _rejections(
+                        own, {key: value for key, value in duplicates.items() if key in keys}
+                    ),
+                    "per_bucket": dict(sorted(per_bucket.items())),
+                },
+            }
+        )
+    return entries
 
 
 def _rejections(outcomes: list[dict[str, Any]], duplicates: dict) -> dict[str, dict[str, int]]:
@@ -182,7 +230,7 @@ def _shard_entries(
                 name = chunk.path_in_schema.split(".")[0]
                 if name in shard_format.REQUIRED_TENSORS + shard_format.OPTIONAL_TENSORS:
                     column_bytes[name] += chunk.total_uncompressed_size
-        # Chunks never span two lists: the chunk names the shard's list and version.
+        # Chunks never span two lists: the chunk names the shard's source, list and version.
         chunk = chunk_rows[shard_format.shard_chunk_index(path)]
         entries.append(
             {
@@ -190,6 +238,7 @@ def _shard_entries(
                 "bucket_id": path.parent.name.removeprefix("bucket="),
                 "num_rows": metadata_.num_rows,
                 "num_bytes": path.stat().st_size,
+                "source": chunk["source"],
                 "source_list": chunk["source_list"],
                 "added_in": chunk["added_in"],
             }

@@ -26,15 +26,16 @@ from pipelines.workflow import Step, StepContext, StepResult
 
 
 def _data_fingerprint(config: PipelineConfig) -> dict[str, Any]:
+    from pipelines.config_loading import to_plain
     from pipelines.data_sources import lists_fingerprint, state_fingerprint
 
     if config.train.dataset:
         return {"external_dataset": config.train.dataset}
-    url_lists = config.data.source.url_lists
     return {
         "data": state_fingerprint(config.data),
         "seed": config.run.seed,
-        "url_lists": lists_fingerprint(url_lists) if url_lists else {},
+        "sources": [to_plain(source) for source in config.data.sources],
+        "lists": lists_fingerprint(config.data),
     }
 
 
@@ -63,7 +64,19 @@ def _run_data(context: StepContext) -> StepResult:
             "rejected": rejected,
         }
     text = summary.format() if summary is not None else f"external dataset {layout.dataset_root}"
+    if summary is not None:
+        text += "\n" + _inspect(context, layout, version=outputs["dataset_version"])
     return StepResult(outputs=outputs, summary=text)
+
+
+def _inspect(context: StepContext, layout: RunLayout, *, version: int) -> str:
+    """The dataset's picture (a contact sheet per bucket, a counts chart) in the run directory
+    and on the data step's MLflow run."""
+    from pipelines.data_inspect import inspect_dataset, log_inspection
+
+    report = inspect_dataset(layout.root, version=version, seed=context.config.run.seed)
+    log_inspection(report, run_id=context.mlflow_run_id, tracking_uri=layout.tracking_uri)
+    return f"contact sheets: {report.out_dir} ({len(report.sheets)} buckets + counts.png)"
 
 
 def _train_fingerprint(config: PipelineConfig) -> dict[str, Any]:

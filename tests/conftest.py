@@ -1,5 +1,6 @@
 """Shared pytest fixtures: tiny checkpoints, a local Ray cluster, a tiny encoded dataset."""
 
+import json
 from pathlib import Path
 
 from pipelines.environment import apply_quiet_environment
@@ -76,6 +77,24 @@ def tiny_overrides(root: Path, models: TinyModelPaths, *overrides: str) -> list[
     ]
 
 
+def sources_override(*sources: dict) -> str:
+    """A `--set` that replaces the preset's [[data.sources]] with `sources` (TOML inline
+    tables), e.g. sources_override({"name": "web", "kind": "url_list", "paths": [path]})."""
+
+    def value(item) -> str:
+        if isinstance(item, list | tuple):
+            return "[" + ", ".join(value(part) for part in item) + "]"
+        if isinstance(item, str | Path):
+            return json.dumps(str(item))
+        return repr(item)
+
+    tables = [
+        "{" + ", ".join(f"{key} = {value(item)}" for key, item in source.items()) + "}"
+        for source in sources
+    ]
+    return "data.sources=[" + ", ".join(tables) + "]"
+
+
 def tiny_config(root: Path, models: TinyModelPaths, *overrides: str):
     """The tiny preset with `tiny_overrides`."""
     from pipelines.config import load_config
@@ -97,7 +116,7 @@ def tiny_data_run(tmp_path_factory, tiny_models_dir, ray_local):
     config = tiny_config(
         tmp_path_factory.mktemp("tiny_run"),
         tiny_models_dir,
-        "data.source.synthetic_count=48",
+        "data.synthetic.count=48",
         "data.resources.chunk_size=16",
     )
     summary = run_data(config, show_progress=False)

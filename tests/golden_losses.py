@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 GOLDEN_FILE = Path(__file__).parent / "assets" / "golden_losses" / "tiny.txt"
-DATASET_OVERRIDES = ("data.source.synthetic_count=48", "data.resources.chunk_size=16")
+DATASET_OVERRIDES = ("data.synthetic.count=48", "data.resources.chunk_size=16")
 """The tests' tiny dataset (tests/conftest.py::tiny_data_run builds the same one)."""
 
 

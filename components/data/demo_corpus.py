@@ -5,7 +5,8 @@ from a seed, covering the five aspect buckets (16:9, 2:1, 2.35:1, 1:1, 1:2) plus
 must reject (too small, extreme aspect ratio); it returns one `CorpusItem` per file.
 `render_scene` and `encode_image` draw and encode one such picture (the tests' bad-input corpus
 uses them). `write_url_list` writes url rows as Parquet or JSONL (columns url, caption, optional
-scores).
+scores). `write_folder_corpus` writes the same kind of images as a local folder source with every
+caption form (sidecars, an ImageFolder metadata file, none).
 """
 
 from __future__ import annotations
@@ -219,6 +220,50 @@ def encode_image(image: Image.Image, image_format: str, **save_options: object) 
     buffer = io.BytesIO()
     image.save(buffer, format=image_format, **save_options)
     return buffer.getvalue()
+
+
+FOLDER_CAPTION_FORMS = ("txt", "json", "metadata", "none")
+"""How `write_folder_corpus` captions its images, in turn: a .txt sidecar, a .json sidecar, a row
+of metadata.jsonl (Hugging Face ImageFolder style) and none at all."""
+
+
+def write_folder_corpus(root: Path, *, count: int, seed: int, max_side_px: int) -> list[CorpusItem]:
+    """A local folder source like a fine-tuner's own: the synthetic images spread over two
+    subfolders, each caption form of FOLDER_CAPTION_FORMS in turn. Item relpaths are relative
+    to `root`."""
+    root = Path(root)
+    items, metadata = [], []
+    for index in range(count):
+        folder = root / ("people" if index % 2 else "places")
+        folder.mkdir(parents=True, exist_ok=True)
+        item = _write_synthetic_item(folder, index, seed + 7919, max_side_px)
+        relpath = f"{folder.name}/{item.relpath}"
+        form = FOLDER_CAPTION_FORMS[index % len(FOLDER_CAPTION_FORMS)]
+        stem = folder / Path(item.relpath).stem
+        if form == "txt":
+            _write_bytes_atomic(stem.with_suffix(".txt"), item.caption.encode())
+        elif form == "json":
+            _write_bytes_atomic(
+                stem.with_suffix(".json"), json.dumps({"caption": item.caption}).encode()
+            )
+        elif form == "metadata":
+            metadata.append({"file_name": relpath, "caption": item.caption})
+        # The caption is checked before the image, so an uncaptioned image is missing_caption.
+        expected = "missing_caption" if form == "none" else item.expected_reason
+        caption = None if form == "none" else item.caption
+        items.append(
+            CorpusItem(
+                relpath=relpath,
+                caption=caption,
+                width_px=item.width_px,
+                height_px=item.height_px,
+                aspect_label=item.aspect_label,
+                expected_reason=expected,
+            )
+        )
+    lines = "".join(json.dumps(row) + "\n" for row in metadata)
+    _write_bytes_atomic(root / "metadata.jsonl", lines.encode())
+    return items
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -30,16 +30,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-FORMAT_VERSION = 2
-"""2: versioned manifests (version, sources, per-shard source list); shard columns as in 1."""
+FORMAT_VERSION = 3
+"""2: versioned manifests (version, sources, per-shard source list); 3: sources of several
+kinds with sampling weights and per-source counts in the manifest, a `source` per shard entry,
+shard columns `source`, `caption_origin` and `caption_model`."""
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 VERSIONS_DIR = "versions"
 
 SCALAR_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("sample_key", pa.string()),
+    ("source", pa.string()),
     ("url", pa.string()),
     ("caption", pa.string()),
+    ("caption_origin", pa.string()),
+    ("caption_model", pa.string()),
     ("bucket_id", pa.string()),
     ("width_px", pa.int32()),
     ("height_px", pa.int32()),
@@ -47,7 +52,12 @@ SCALAR_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("source_height_px", pa.int32()),
     ("image_sha256", pa.string()),
 )
-"""Per-sample scalars: identity, caption, bucket size (width/height) and the source size."""
+"""Per-sample scalars: identity (key; source name; url, or `<source>:<locator>` for a local
+source), caption and where it came from (`caption_origin` "given" by the source or "generated";
+`caption_model` "<model>@<revision>" of a generated one, else ""), bucket size (width/height)
+and the source image's size."""
+
+CAPTION_ORIGINS = ("given", "generated")
 
 REQUIRED_TENSORS = (
     "vae_latent",

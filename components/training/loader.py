@@ -1,29 +1,27 @@
 """Cached shards -> deterministic, bucketed training micro-batches.
 
 Input: a dataset root written by the data pipeline (manifest.json + shards/bucket=*/part-*.parquet,
-see components/data/shard_format.py). Output: per optimizer step a StepPlan (which rows each worker
-reads for every accumulation step) and, per micro-batch, a dict of collated tensors
+see components/data/shard_format.py). The manifest lists every shard with its bucket and its
+source, and every source with its sampling weight. Output: a BucketIndex (rows per bucket, the
+source of each shard, the weights), per optimizer step a StepPlan (which rows each worker reads
+for every accumulation step; plan_steps) and, per micro-batch, a dict of collated tensors
 (load_micro_batch).
 
-Sampling contract:
-- Every optimizer step draws ALL its micro-batches (every worker, every accumulation step) from
-  ONE bucket, so all shapes in a step agree. Buckets are drawn with probability proportional to
-  their row count; the draw for step s is the s-th value of one seeded stream, so a plan is a
-  pure function of (index, seed, batch shape) and resuming at step k gives the same steps k...
-- Within a bucket, rows are visited in a fresh seeded permutation per epoch of that bucket (no
-  row repeats before the bucket is exhausted). A step that needs more rows than are left runs on
-  into the next epoch; a bucket smaller than one step's need (micro_batch * workers * accumulation)
-  wraps around several epochs inside one step: tiny buckets are used, never silently dropped.
-- Buckets with no rows have weight 0 and are never drawn; a dataset with no rows is an error.
+Sampling contract (components/training/step_plan.py draws the plans): every optimizer step reads
+ALL its micro-batches from ONE bucket and ONE source; source x is drawn with its weight's share
+(over the sources that have rows) and, within x, a bucket by its count of x's rows; rows are
+visited in a seeded permutation per epoch of each (bucket, source); a plan is a pure function of
+(index, config, num_workers, step), so resuming at step k gives the same steps k... Empty buckets
+and sources without rows are never drawn; a dataset with no rows is an error.
 Reads are row-group granular (Parquet's unit of random access) with a small LRU of row groups.
 """
 
-import zlib
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +31,8 @@ from torch import nn
 
 from components.data import shard_format
 from components.data.encode import decode_hidden
+from components.training import step_plan
+from components.training.step_plan import BucketRows, RowRef, StepPlan, Stratum
 from model.qwen2vl_tail import pad_prompt_batch
 
 PROMPTS = ("image_prompt", "caption_prompt")
@@ -51,7 +51,7 @@ class LoaderConfig:
     accumulation_steps: int = 1
     """Micro-batches per worker per optimizer step (gradient accumulation)."""
     seed: int = 0
-    """Seed of the bucket draws and of the per-epoch row permutations."""
+    """Seed of the (bucket, source) draws and of the per-epoch row permutations."""
     max_cached_row_groups: int = 8
     """Decoded Parquet row groups a reader keeps (LRU); each holds many samples."""
 
@@ -63,39 +63,10 @@ class LoaderConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
-class RowRef(NamedTuple):
-    """One sample: a shard file and the row's index inside it."""
-
-    shard_path: str
-    row_index: int
-
-
-@dataclass(frozen=True, slots=True)
-class BucketRows:
-    """The rows of one bucket: its shards in a stable order, addressed by a bucket row number."""
-
-    bucket_id: str
-    shard_paths: tuple[str, ...]
-    row_starts: tuple[int, ...]
-    """First bucket row number of each shard; a final entry holds num_rows."""
-
-    @property
-    def num_rows(self) -> int:
-        return self.row_starts[-1]
-
-    def locate(self, rows: Sequence[int]) -> tuple[RowRef, ...]:
-        """Bucket row numbers -> (shard path, row in shard)."""
-        starts = np.asarray(self.row_starts)
-        shard_numbers = np.searchsorted(starts, rows, side="right") - 1
-        return tuple(
-            RowRef(self.shard_paths[shard], int(row) - self.row_starts[shard])
-            for shard, row in zip(shard_numbers.tolist(), rows, strict=True)
-        )
-
-
 @dataclass(frozen=True, slots=True)
 class BucketIndex:
-    """What a dataset holds per bucket, checked against the manifest and the shard footers."""
+    """What a dataset holds per bucket and source, checked against the manifest and the shard
+    footers."""
 
     root: Path
     dataset_id: str
@@ -103,6 +74,10 @@ class BucketIndex:
     """Non-empty buckets in sorted id order."""
     empty_buckets: tuple[str, ...]
     """Buckets the manifest lists with no rows (never drawn)."""
+    source_weights: dict[str, float]
+    """Every source the manifest lists -> its sampling weight (> 0), rows or not."""
+    shard_sources: dict[str, str]
+    """Shard path (as in BucketRows.shard_paths) -> the source its rows came from."""
 
     @classmethod
     def from_dataset(cls, root: Path, *, version: int | None = None) -> "BucketIndex":
@@ -111,7 +86,7 @@ class BucketIndex:
 
         Checks: manifest format version, every listed shard present, readable, of this format
         version and with the listed row count, no shard on disk that the latest version does
-        not list, per-bucket counts.
+        not list, per-bucket counts, every shard's source listed with a positive weight.
         """
         root = Path(root).resolve()
         manifest = shard_format.read_manifest(root, version)
@@ -123,9 +98,12 @@ class BucketIndex:
         entries = manifest.get("shards")
         if not isinstance(entries, list):
             raise LoaderError(f"{manifest_path}: no 'shards' list")
+        weights = _source_weights(manifest.get("sources"), manifest_path=manifest_path)
         paths_by_bucket: dict[str, list[tuple[str, int]]] = {}
+        shard_sources: dict[str, str] = {}
         for entry in entries:
             path, bucket_id, num_rows = _checked_entry(root, entry, manifest_path=manifest_path)
+            shard_sources[str(path)] = _entry_source(entry, weights, manifest_path=manifest_path)
             paths_by_bucket.setdefault(bucket_id, []).append((str(path), num_rows))
         listed = {path for items in paths_by_bucket.values() for path, _ in items}
         if version is not None:  # later versions' shards are on disk too
@@ -142,11 +120,22 @@ class BucketIndex:
         if not buckets:
             raise LoaderError(f"dataset {root} holds no samples ({manifest_path} lists no shards)")
         empty = sorted(set(manifest.get("buckets", {})) - set(buckets))
-        return cls(root, str(manifest.get("dataset_id", "")), buckets, tuple(empty))
+        dataset_id = str(manifest.get("dataset_id", ""))
+        return cls(root, dataset_id, buckets, tuple(empty), weights, shard_sources)
 
     @property
     def num_rows(self) -> int:
         return sum(bucket.num_rows for bucket in self.buckets.values())
+
+    @property
+    def source_shares(self) -> dict[str, float]:
+        """Source name -> its share of the steps (sorted by name): its weight normalised over
+        the sources that have rows here; sources without rows are left out."""
+        return step_plan.source_shares(self.strata(), self.source_weights)
+
+    def strata(self) -> tuple[Stratum, ...]:
+        """The non-empty (bucket, source) strata steps draw from, by (source, bucket id)."""
+        return step_plan.bucket_strata(self.buckets, self.shard_sources)
 
     def bucket(self, bucket_id: str) -> BucketRows:
         """The rows of a bucket; an empty or unknown bucket is an error naming it."""
@@ -176,6 +165,40 @@ def _checked_entry(root: Path, entry: Any, *, manifest_path: Path) -> tuple[Path
     if path.parent.name != f"bucket={bucket_id}":
         raise LoaderError(f"{path}: listed under bucket {bucket_id!r} in {manifest_path}")
     return path, bucket_id, num_rows
+
+
+def _source_weights(listed: Any, *, manifest_path: Path) -> dict[str, float]:
+    """The manifest's 'sources' list as name -> weight; errors name the manifest and entry."""
+    if not isinstance(listed, list):
+        raise LoaderError(f"{manifest_path}: no 'sources' list")
+    weights: dict[str, float] = {}
+    for entry in listed:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name:
+            raise LoaderError(f"{manifest_path}: malformed source entry {entry!r}")
+        if name in weights:
+            raise LoaderError(f"{manifest_path}: source {name!r} is listed twice")
+        weight = entry.get("weight")
+        is_number = isinstance(weight, int | float) and not isinstance(weight, bool)
+        if not is_number or not math.isfinite(weight) or weight <= 0:
+            raise LoaderError(
+                f"{manifest_path}: source {name!r} has weight {weight!r}, not a positive number"
+            )
+        weights[name] = float(weight)
+    return weights
+
+
+def _entry_source(entry: dict[str, Any], weights: dict[str, float], *, manifest_path: Path) -> str:
+    """The source a (well-formed) shard entry names, one that `weights` lists."""
+    source = entry.get("source")
+    if source is None:
+        raise LoaderError(f"{manifest_path}: shard entry {entry['path']!r} has no 'source'")
+    if not isinstance(source, str) or source not in weights:
+        raise LoaderError(
+            f"{manifest_path}: shard entry {entry['path']!r} has source {source!r}, which "
+            f"'sources' does not list ({sorted(weights)})"
+        )
+    return source
 
 
 def _shard_metadata(path: Path) -> pq.FileMetaData:
@@ -214,33 +237,6 @@ def _check_bucket_counts(
         )
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class StepPlan:
-    """The rows of one optimizer step: one bucket for every worker and accumulation step."""
-
-    step: int
-    bucket: BucketRows
-    rows: np.ndarray
-    """Bucket row numbers, int64 [num_workers, accumulation_steps, micro_batch_size]."""
-
-    @property
-    def bucket_id(self) -> str:
-        return self.bucket.bucket_id
-
-    def micro_batch(self, worker_rank: int, accumulation_index: int) -> tuple[RowRef, ...]:
-        """The rows worker `worker_rank` reads for its `accumulation_index`-th micro-batch."""
-        return self.bucket.locate(self.rows[worker_rank, accumulation_index].tolist())
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, StepPlan):
-            return NotImplemented
-        return (
-            self.step == other.step
-            and self.bucket == other.bucket
-            and np.array_equal(self.rows, other.rows)
-        )
-
-
 def plan_steps(
     index: BucketIndex,
     config: LoaderConfig,
@@ -249,7 +245,7 @@ def plan_steps(
     num_workers: int,
     start_step: int = 0,
 ) -> list[StepPlan]:
-    """Plans of steps start_step .. num_steps-1 (see the module docstring for the contract).
+    """Plans of steps start_step .. num_steps-1 (the contract: components/training/step_plan.py).
 
     The plan of step s depends only on (index, config, num_workers, s): planning fewer or more
     steps, or starting later, never changes it.
@@ -258,63 +254,14 @@ def plan_steps(
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if not 0 <= start_step <= num_steps:
         raise ValueError(f"start_step must be in [0, num_steps={num_steps}], got {start_step}")
-    bucket_ids = list(index.buckets)
-    sizes = np.array([index.buckets[bucket_id].num_rows for bucket_id in bucket_ids])
-    choices = _bucket_choices(sizes, seed=config.seed, num_steps=num_steps)
-    need = num_workers * config.accumulation_steps * config.micro_batch_size
-    # Rows of each bucket consumed by the steps before start_step.
-    consumed = np.bincount(choices[:start_step], minlength=len(bucket_ids)) * need
-    permutations = _PermutationCache(config.seed)
-    shape = (num_workers, config.accumulation_steps, config.micro_batch_size)
-    plans = []
-    for step in range(start_step, num_steps):
-        choice = int(choices[step])
-        bucket = index.buckets[bucket_ids[choice]]
-        positions = np.arange(consumed[choice], consumed[choice] + need)
-        consumed[choice] += need
-        rows = permutations.rows(bucket, positions).reshape(shape)
-        plans.append(StepPlan(step, bucket, rows))
-    return plans
-
-
-def _bucket_choices(sizes: np.ndarray, *, seed: int, num_steps: int) -> np.ndarray:
-    """Bucket number per step, drawn proportionally to sizes; value s depends on (seed, s) only."""
-    # One stream of doubles: the first k draws are the same whatever num_steps is.
-    draws = np.random.Generator(np.random.PCG64([seed, 0x6275636B])).random(num_steps)
-    cumulative = np.cumsum(sizes) / sizes.sum()
-    return np.minimum(np.searchsorted(cumulative, draws, side="right"), len(sizes) - 1)
-
-
-class _PermutationCache:
-    """Seeded per-(bucket, epoch) permutations; position p of a bucket's infinite visit order is
-    row perm[epoch = p // n][p % n]."""
-
-    def __init__(self, seed: int) -> None:
-        self._seed = seed
-        self._cache: dict[tuple[str, int], np.ndarray] = {}
-
-    def rows(self, bucket: BucketRows, positions: np.ndarray) -> np.ndarray:
-        epochs, offsets = np.divmod(positions, bucket.num_rows)
-        first, last = int(epochs[0]), int(epochs[-1])
-        if first == last:
-            return self._permutation(bucket, first)[offsets]
-        rows = np.empty_like(positions)
-        for epoch in range(first, last + 1):
-            selected = epochs == epoch
-            rows[selected] = self._permutation(bucket, epoch)[offsets[selected]]
-        return rows
-
-    def _permutation(self, bucket: BucketRows, epoch: int) -> np.ndarray:
-        key = (bucket.bucket_id, epoch)
-        if key not in self._cache:
-            # Plans walk each bucket forward, so older epochs of this bucket are never needed.
-            stale = [old for old in self._cache if old[0] == key[0] and old[1] < epoch]
-            for old in stale:
-                del self._cache[old]
-            bucket_key = zlib.crc32(bucket.bucket_id.encode())
-            generator = np.random.Generator(np.random.PCG64([self._seed, bucket_key, epoch]))
-            self._cache[key] = generator.permutation(bucket.num_rows)
-        return self._cache[key]
+    strata = index.strata()
+    return step_plan.plan_strata(
+        strata,
+        step_plan.source_shares(strata, index.source_weights),
+        seed=config.seed,
+        shape=(num_workers, config.accumulation_steps, config.micro_batch_size),
+        steps=range(start_step, num_steps),
+    )
 
 
 class ShardReader:

@@ -177,8 +177,8 @@ class Bench:
             "tiny",
             [
                 f"run.root={root}",
-                f"data.source.url_lists={self.url_list}",
-                f"data.source.serve_dir={self.corpus}",
+                "data.sources=[{name = 'web', kind = 'url_list', "
+                f"paths = ['{self.url_list}'], serve_dir = '{self.corpus}'}}]",
                 f"data.buckets.max_side_px={self.args.max_side}",
                 "data.filters.min_side_px=64",
                 f"data.download.thread_count={self.args.threads}",

@@ -84,9 +84,29 @@ def test_manifest_says_how_the_tensors_were_made(dataset_root, tables):
     assert stored["image_prompt_hidden"] == encoders["hidden_dtype"]
     assert len(manifest["config_hash"]) == 64
     assert manifest["version"] == 1 and manifest["counts"]["reused_rows"] == 0
-    (source,) = manifest["sources"]
-    assert source["rows"] == manifest["counts"]["source_rows"] == manifest["counts"]["new_rows"]
+    assert manifest["counts"]["source_rows"] == manifest["counts"]["new_rows"]
     assert {entry["added_in"] for entry in manifest["shards"]} == {1}
     assert set(manifest["bytes_per_sample"]["columns_uncompressed"]) >= set(
         shard_format.REQUIRED_TENSORS
     )
+
+
+def test_sources_account_for_every_row_and_shard(dataset_root, tables):
+    manifest = shard_format.read_manifest(dataset_root)
+    sources = {source["name"]: source for source in manifest["sources"]}
+    assert sum(source["counts"]["source_rows"] for source in sources.values()) == (
+        manifest["counts"]["source_rows"]
+    )
+    for name, source in sources.items():
+        counts = source["counts"]
+        assert sum(item["rows"] for item in source["lists"]) == counts["source_rows"], name
+        entries = [entry for entry in manifest["shards"] if entry["source"] == name]
+        assert sum(entry["num_rows"] for entry in entries) == counts["encoded"], name
+        assert sum(counts["per_bucket"].values()) == counts["encoded"] and source["weight"] > 0
+    for entry in manifest["shards"]:
+        table = tables[dataset_root / entry["path"]]
+        assert set(table["source"].to_pylist()) == {entry["source"]}, entry["path"]
+        origins = set(table["caption_origin"].to_pylist())
+        assert origins <= set(shard_format.CAPTION_ORIGINS), entry["path"]
+        given = pc.filter(table["caption_model"], pc.equal(table["caption_origin"], "given"))
+        assert set(given.to_pylist()) <= {""}, entry["path"]

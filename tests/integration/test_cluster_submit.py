@@ -78,7 +78,7 @@ def test_a_submitted_workflow_runs_across_two_nodes_like_a_local_run(
     overrides = tiny_overrides(
         root,
         tiny_models_dir,
-        "data.source.synthetic_count=48",
+        "data.synthetic.count=48",
         "data.resources.chunk_size=16",
     )
     workflow = ["run", "train", "--config", "tiny", "--run-id", RUN_ID, "--verbose"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import sources_override
 
 from components.data import shard_format
 from components.data.demo_corpus import write_url_list
@@ -30,7 +31,7 @@ def bad_run(tmp_path_factory, tiny_models_dir, ray_local, make_tiny_config):
         config = make_tiny_config(
             tmp_path_factory.mktemp("bad_run"),
             tiny_models_dir,
-            f"data.source.url_lists={folder / 'urls.jsonl'}",
+            sources_override({"name": "web", "kind": "url_list", "paths": [folder / "urls.jsonl"]}),
             "data.download.timeout_seconds=2",
             "data.filters.min_side_px=16",
             "data.resources.chunk_size=10",

@@ -30,7 +30,7 @@ def test_checkpoints_and_artifacts_live_in_the_bucket(tmp_path, tiny_models_dir)
     overrides = tiny_overrides(
         root,
         tiny_models_dir,
-        "data.source.synthetic_count=40",
+        "data.synthetic.count=40",
         "data.resources.chunk_size=16",
         f"train.storage_path=s3://{BUCKET}/train",
         f"tracking.artifact_location=s3://{BUCKET}/mlartifacts",

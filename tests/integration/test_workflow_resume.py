@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_overrides
+from conftest import sources_override, tiny_overrides
 from mlflow.tracking import MlflowClient
 from subprocess_runs import start_group
 
@@ -69,8 +69,9 @@ def _command(root: Path, models, corpus_folder: Path, requests: Path, lists: Pat
     overrides = tiny_overrides(
         root,
         models,
-        f"data.source.url_lists={lists}",
-        f"data.source.serve_dir={corpus_folder}",
+        sources_override(
+            {"name": "web", "kind": "url_list", "paths": [lists], "serve_dir": corpus_folder}
+        ),
         "data.resources.chunk_size=8",
         f"infer.requests_file={requests}",
     )

@@ -6,10 +6,17 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import sources_override
 
 from components.data import shard_format
+from pipelines.config import load_config
 from pipelines.data_layout import DataLayout
-from pipelines.data_sources import SourceListError, discover_lists, register_sources
+from pipelines.data_sources import (
+    SourceListError,
+    discover_lists,
+    discover_url_lists,
+    register_sources,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -25,11 +32,15 @@ def _write_list(path, urls, captions=None):
     return path
 
 
+def _data_config(root, *sources, chunk_size=2):
+    overrides = [f"run.root={root}", sources_override(*sources)]
+    return load_config("tiny", [*overrides, f"data.resources.chunk_size={chunk_size}"]).data
+
+
 def _register(root, entries, chunk_size=2):
-    layout = DataLayout(root)
-    return register_sources(
-        layout, discover_lists([str(e) for e in entries]), chunk_size=chunk_size
-    )
+    source = {"name": "web", "kind": "url_list", "paths": [str(e) for e in entries]}
+    config = _data_config(root, source, chunk_size=chunk_size)
+    return register_sources(DataLayout(root), discover_lists(config), config=config)
 
 
 def _publish(root, version):
@@ -69,7 +80,7 @@ def test_a_new_list_adds_only_its_rows_in_new_chunks_as_the_next_version(tmp_pat
     assert {row["added_in"] for row in new} == {2}
     # A url another list already had is a duplicate of the first one.
     assert [row["duplicate_url"] for row in grown.chunks()[2]] == [False, True]
-    summaries = {item["name"]: item for item in grown.list_summaries()}
+    summaries = {item["name"]: item for item in grown.list_summaries("web")}
     assert summaries["a.parquet"]["added_in"] == 1 and summaries["b.jsonl"]["rows"] == 3
 
 
@@ -101,11 +112,11 @@ def test_a_dataset_only_grows(tmp_path):
     _write_list(lists / "b.parquet", ["z"])
     _register(tmp_path / "run", [lists])
     (lists / "b.parquet").unlink()
-    with pytest.raises(SourceListError, match="'b.parquet' is part of this dataset"):
+    with pytest.raises(SourceListError, match="list 'b.parquet' of 'web' is part of this dataset"):
         _register(tmp_path / "run", [lists])
     _write_list(lists / "b.parquet", ["z"])
     _write_list(lists / "a.parquet", ["x"])
-    with pytest.raises(SourceListError, match="1 rows registered from this list.*url y"):
+    with pytest.raises(SourceListError, match="1 rows registered from this list.*, y\\)"):
         _register(tmp_path / "run", [lists])
 
 
@@ -116,17 +127,17 @@ def test_url_lists_are_found_and_checked(tmp_path):
     _write_list(folder / ".partial" / "c.parquet", ["c"])
     (folder / ".d.parquet.tmp").write_text("in flight")
     (folder / "notes.txt").write_text("not a list")
-    found = discover_lists([str(folder)])
-    assert [item.name for item in found] == ["b.parquet", "nested/a.jsonl"]
+    found = discover_url_lists([str(folder)])
+    assert [name for name, _ in found] == ["b.parquet", "nested/a.jsonl"]
 
     with pytest.raises(SourceListError, match="url list not found"):
-        discover_lists([str(tmp_path / "missing.parquet")])
+        discover_url_lists([str(tmp_path / "missing.parquet")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceListError, match="holds no url list"):
-        discover_lists([str(tmp_path / "empty")])
+        discover_url_lists([str(tmp_path / "empty")])
     other = _write_list(tmp_path / "other" / "b.parquet", ["b2"])
     with pytest.raises(SourceListError, match="both named 'b.parquet'"):
-        discover_lists([str(folder), str(other)])
+        discover_url_lists([str(folder), str(other)])
 
 
 def test_unreadable_lists_are_errors_naming_the_file(tmp_path):

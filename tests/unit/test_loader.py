@@ -1,4 +1,6 @@
-"""Loader: deterministic one-bucket-per-step plans, epoch permutations, collation, clear errors."""
+"""Loader: deterministic one-bucket-per-step plans, epoch permutations, collation, clear errors.
+
+Sources and their weights: tests/unit/test_step_plan.py."""
 
 import json
 import re
@@ -27,6 +29,7 @@ pytestmark = pytest.mark.unit
 
 HIDDEN_SIZE = 8
 POOLED_SIZE = 6
+SOURCE = {"name": "web", "kind": "url_list", "weight": 1.0}
 
 
 def _sample(bucket_id: str, number: int, *, hidden_dtype: str) -> dict:
@@ -35,8 +38,11 @@ def _sample(bucket_id: str, number: int, *, hidden_dtype: str) -> dict:
     generator = torch.Generator().manual_seed(number)
     row = {
         "sample_key": f"{bucket_id}-{number:05d}",
+        "source": SOURCE["name"],
         "url": f"http://127.0.0.1/{number}.png",
         "caption": f"caption {number}",
+        "caption_origin": "given",
+        "caption_model": "",
         "bucket_id": bucket_id,
         "width_px": width,
         "height_px": height,
@@ -63,7 +69,8 @@ def _sample(bucket_id: str, number: int, *, hidden_dtype: str) -> dict:
 def _write_dataset(
     root: Path, sizes: dict[str, int], *, rows_per_shard: int = 4, hidden_dtype: str = "float32"
 ) -> Path:
-    """Shards of at most rows_per_shard rows (row groups of 2) + a manifest; 0 = empty bucket."""
+    """Shards of at most rows_per_shard rows (row groups of 2) + a manifest; 0 = empty bucket.
+    One source, SOURCE, holds every shard."""
     entries = []
     for bucket_id, size in sizes.items():
         rows = [_sample(bucket_id, number, hidden_dtype=hidden_dtype) for number in range(size)]
@@ -80,12 +87,12 @@ def _write_dataset(
                     "bucket_id": bucket_id,
                     "num_rows": written.num_rows,
                     "num_bytes": written.num_bytes,
+                    "source": SOURCE["name"],
                 }
             )
     buckets = {bucket_id: {"num_samples": size} for bucket_id, size in sizes.items()}
-    shard_format.write_manifest(
-        root, {"dataset_id": "synthetic", "version": 1, "shards": entries, "buckets": buckets}
-    )
+    manifest = {"dataset_id": "synthetic", "version": 1, "shards": entries, "buckets": buckets}
+    shard_format.write_manifest(root, manifest | {"sources": [SOURCE]})
     return root
 
 
@@ -109,6 +116,7 @@ def test_index_knows_rows_per_bucket(dataset):
     }
     assert index.empty_buckets == ("16x16",) and index.num_rows == 18
     assert index.dataset_id == "synthetic"
+    assert index.source_weights == {"web": 1.0} and index.source_shares == {"web": 1.0}
     refs = index.bucket("64x64").locate([0, 3, 4, 9])
     assert [(Path(ref.shard_path).name, ref.row_index) for ref in refs] == [
         ("part-00000.parquet", 0),
@@ -156,6 +164,7 @@ def test_every_micro_batch_of_a_step_comes_from_its_bucket(dataset):
                 assert {Path(ref.shard_path).parent.name for ref in refs} == {
                     f"bucket={plan.bucket_id}"
                 }
+        assert plan.source == "web"
 
 
 def test_bucket_frequencies_follow_bucket_sizes(dataset):
@@ -297,7 +306,13 @@ def test_manifest_version_mismatch_is_named(dataset_copy):
 
 def test_empty_dataset_is_an_error(tmp_path):
     shard_format.write_manifest(
-        tmp_path, {"version": 1, "shards": [], "buckets": {"64x64": {"num_samples": 0}}}
+        tmp_path,
+        {
+            "version": 1,
+            "shards": [],
+            "buckets": {"64x64": {"num_samples": 0}},
+            "sources": [SOURCE],
+        },
     )
     with pytest.raises(LoaderError, match="holds no samples"):
         BucketIndex.from_dataset(tmp_path)

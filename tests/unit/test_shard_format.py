@@ -29,8 +29,11 @@ def test_bfloat16_is_stored_as_its_little_endian_bits():
 def _row(key: str, length: int) -> dict:
     row = {
         "sample_key": key,
+        "source": "web",
         "url": f"http://x/{key}",
         "caption": "c",
+        "caption_origin": "given",
+        "caption_model": "",
         "bucket_id": "64x64",
         "width_px": 64,
         "height_px": 64,
