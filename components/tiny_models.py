@@ -11,6 +11,9 @@ Input: an output folder and a seed. Output (deterministic from the seed, byte-id
                    diffusion_pytorch_model.safetensors): a union ControlNet at the tiny FLUX dims.
   <out>/depth-anything/ transformers layout of depth-anything/Depth-Anything-V2-*-hf
                    (DepthAnythingForDepthEstimation + DPTImageProcessor preprocessor_config.json).
+  <out>/photos/    a local folder source like a fine-tuner's own (demo_corpus.write_folder_corpus):
+                   synthetic images in subfolders, captions in .txt / .json sidecars and
+                   metadata.jsonl, some uncaptioned; the tiny preset mixes it with its url list.
   <out>/tiny_models.json  marker written last; a build with the same seed is skipped.
 Everything loads back through the usual from_pretrained calls.
 """
@@ -43,11 +46,13 @@ from transformers import (
 from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from components.data.demo_corpus import COLOURS, POSITIONS, SHAPES
+from components.data.demo_corpus import COLOURS, POSITIONS, SHAPES, write_folder_corpus
 from model import presets
 
 MARKER_NAME = "tiny_models.json"
-BUILD_FORMAT = 5
+BUILD_FORMAT = 6
+"""6: the photos folder."""
+PHOTOS_COUNT = 24
 QWEN2VL_SHARD_SIZE = "40KB"
 FLUX_SHARD_SIZE = "2MB"
 
@@ -104,11 +109,13 @@ class TinyModelPaths:
     """Tiny union FLUX ControlNet (None for bases assembled without one)."""
     depth: Path | None = None
     """Tiny Depth Anything depth estimator."""
+    photos: Path | None = None
+    """The folder source of the tiny preset (images + captions)."""
 
 
 def build_tiny_models(out_dir: Path, *, seed: int = 0) -> TinyModelPaths:
-    """Write tiny Qwen2-VL, FLUX, ControlNet and depth checkpoints under out_dir (skipped if
-    already built)."""
+    """Write tiny Qwen2-VL, FLUX, ControlNet and depth checkpoints and the photos folder under
+    out_dir (skipped if already built)."""
     out_dir = Path(out_dir)
     paths = TinyModelPaths(
         root=out_dir,
@@ -116,6 +123,7 @@ def build_tiny_models(out_dir: Path, *, seed: int = 0) -> TinyModelPaths:
         flux=out_dir / "flux",
         controlnet=out_dir / "controlnet",
         depth=out_dir / "depth-anything",
+        photos=out_dir / "photos",
     )
     marker = _marker_content(seed)
     marker_path = out_dir / MARKER_NAME
@@ -129,7 +137,8 @@ def build_tiny_models(out_dir: Path, *, seed: int = 0) -> TinyModelPaths:
     _write_flux(staging / "flux", seed=seed)
     _write_controlnet(staging / paths.controlnet.name, seed=seed)
     _write_depth(staging / paths.depth.name, seed=seed)
-    for final in (paths.qwen2vl, paths.flux, paths.controlnet, paths.depth):
+    write_folder_corpus(staging / paths.photos.name, count=PHOTOS_COUNT, seed=seed, max_side_px=160)
+    for final in (paths.qwen2vl, paths.flux, paths.controlnet, paths.depth, paths.photos):
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging / final.name, final)
     staging.rmdir()

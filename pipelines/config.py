@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.data.buckets import BucketConfig
+from components.data.captioning import CaptioningConfig
 from components.data.download import DownloadConfig
 from components.data.encode import EncodeConfig
 from components.data.filters import FilterConfig
@@ -108,6 +109,7 @@ class DataConfig:
     filters: FilterConfig
     buckets: BucketConfig
     encode: EncodeConfig
+    captioning: CaptioningConfig
     shards: ShardConfig
     resources: DataResourcesConfig
 
@@ -305,6 +307,15 @@ class PipelineConfig:
     infer: InferConfig
     plan: PlanConfig
     """Assumptions of `qwenflux plan` ([plan]); training ignores them."""
+
+    def __post_init__(self) -> None:
+        # One caption length for training and inference: a model never sees longer prompts.
+        trained, served = self.data.encode.max_caption_tokens, self.infer.requests.max_prompt_tokens
+        if trained != served:
+            raise ValueError(
+                f"data.encode.max_caption_tokens ({trained}) and infer.requests.max_prompt_tokens "
+                f"({served}) must be equal: inference caps prompts where training capped captions"
+            )
 
 
 def preset_path(name_or_path: str) -> Path:

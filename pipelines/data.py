@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from components.data import shard_format
 from components.data.buckets import build_buckets
-from components.data.filters import find_duplicates
+from components.data.filters import find_duplicates, needs_caption
 from pipelines.config import DataConfig, PipelineConfig
 from pipelines.data_chunks import ChunkConfigs, ChunkSource, process_chunk
 from pipelines.data_layout import DataLayout, read_fitted_slices, read_outcomes, write_table_atomic
@@ -183,7 +183,13 @@ def _process_chunks(
     from pipelines.console import progress as progress_bar
 
     task = ray.remote(num_cpus=config.resources.cpus_per_chunk_task, max_retries=2)(process_chunk)
-    configs = ChunkConfigs(config.url_policy, config.download, config.filters, config.buckets)
+    configs = ChunkConfigs(
+        config.url_policy,
+        config.download,
+        config.filters,
+        config.buckets,
+        captioning=config.captioning.enabled,
+    )
     pending = [
         task.remote(
             index, rows, layout_root=str(layout.root), config=configs, source=sources[index]
@@ -306,6 +312,7 @@ class GroupEncoder:
         # One intra-op thread per reserved CPU: an inherited OMP_NUM_THREADS would oversubscribe.
         torch.set_num_threads(max(1, int(config.resources.cpus_per_encoder)))
         self._encoder = SampleEncoder(config.encode)
+        self._captioner = None
         self._buckets = {bucket.bucket_id: bucket for bucket in build_buckets(config.buckets)}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
@@ -321,7 +328,7 @@ class GroupEncoder:
         index, bucket_id = int(group["chunk_index"]), str(group["bucket_id"])
         keys = [str(key) for key in group["keys"]]
         layout = DataLayout(root)
-        write_encoder_description(layout, self._encoder.describe())
+        write_encoder_description(layout, self._describe())
         bucket = self._buckets[bucket_id]
         outcomes = {
             row["sample_key"]: row for row in pq.read_table(layout.chunk_outcome(index)).to_pylist()
@@ -344,15 +351,17 @@ class GroupEncoder:
             raise
 
     def _encode_slice(self, keys, images, outcomes, bucket) -> list[dict[str, Any]]:
-        captions = [outcomes[key]["caption"] for key in keys]
-        encoded = self._encoder.encode(images, captions)
+        captions, origins = self._captions(keys, images, outcomes)
+        fitted = [self._encoder.fit_caption(caption) for caption in captions]
+        encoded = self._encoder.encode(images, [caption for caption, _ in fitted])
         return [
             {
                 "sample_key": key,
                 "url": outcomes[key]["url"],
-                "caption": outcomes[key]["caption"],
-                "caption_origin": "given",
-                "caption_model": "",
+                "caption": caption,
+                "caption_origin": origin,
+                "caption_model": model,
+                "caption_truncated": truncated,
                 "bucket_id": bucket.bucket_id,
                 "width_px": bucket.width_px,
                 "height_px": bucket.height_px,
@@ -361,5 +370,51 @@ class GroupEncoder:
                 "image_sha256": outcomes[key]["image_sha256"],
             }
             | tensors
-            for key, tensors in zip(keys, encoded, strict=True)
+            for key, (caption, truncated), (origin, model), tensors in zip(
+                keys, fitted, origins, encoded, strict=True
+            )
         ]
+
+    def _captions(self, keys, images, outcomes) -> tuple[list[str], list[tuple[str, str]]]:
+        """The slice's captions and (origin, model) of each: given by the source, or generated
+        for rows kept without a usable one (only when data.captioning is enabled)."""
+        captions = [outcomes[key]["caption"] for key in keys]
+        origins = [("given", "")] * len(keys)
+        missing = [
+            i for i, text in enumerate(captions) if needs_caption(text, self._config.filters)
+        ]
+        if missing and self._config.captioning.enabled:
+            captioner = self._load_captioner()
+            generated = captioner.caption([images[i] for i in missing])
+            for position, text in zip(missing, generated, strict=True):
+                captions[position] = text
+                origins[position] = ("generated", captioner.model_id)
+        return [text or "" for text in captions], origins
+
+    def _describe(self) -> dict[str, Any]:
+        description = self._encoder.describe()
+        captioning, encode = self._config.captioning, self._config.encode
+        if captioning.enabled:
+            description["captioner"] = {
+                "model": captioning.model or encode.qwen2vl,
+                "revision": captioning.revision if captioning.model else encode.qwen2vl_revision,
+                "instruction": captioning.instruction,
+                "max_new_tokens": captioning.max_new_tokens,
+                "image_tokens": captioning.image_tokens,
+            }
+        return description
+
+    def _load_captioner(self):
+        """The captioning model, loaded the first time a group has a row to caption."""
+        if self._captioner is None:
+            from components.data.captioning import Captioner
+
+            config, encode = self._config.captioning, self._config.encode
+            self._captioner = Captioner(
+                config,
+                checkpoint=config.model or encode.qwen2vl,
+                revision=config.revision if config.model else encode.qwen2vl_revision,
+                device=self._encoder.device,
+                dtype=encode.compute_dtype,
+            )
+        return self._captioner

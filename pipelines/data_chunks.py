@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from components.data.buckets import BucketConfig
 from components.data.download import DownloadConfig, download_chunk
-from components.data.filters import FilterConfig, Rejection, filter_sample
+from components.data.filters import FilterConfig, Rejection, filter_sample, needs_caption
 from components.data.url_policy import UrlPolicyConfig, check_url
 from pipelines.data_layout import (
     OUTCOME_SCHEMA,
@@ -43,6 +43,8 @@ class ChunkConfigs:
     download: DownloadConfig
     filters: FilterConfig
     buckets: BucketConfig
+    captioning: bool = False
+    """Rows without a usable caption are kept for the encoder to caption (not rejected)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,11 +209,15 @@ def _filter_row(
         detail = downloaded.get("error_message") or ""
         return _outcome(row, stage="download", reason=downloaded["status"], detail=detail)
     scores = {name: row.get(name) for name in SCORE_COLUMNS}
+    caption, filters = row["caption"], config.filters
+    if config.captioning and needs_caption(caption, filters):
+        # The encoder captions it; every other check still applies.
+        caption, filters = "x", replace(filters, min_caption_chars=0)
     result = filter_sample(
         downloaded["image"],
-        row["caption"],
+        caption,
         scores=scores,
-        config=config.filters,
+        config=filters,
         buckets=config.buckets,
     )
     if isinstance(result, Rejection):

@@ -48,6 +48,12 @@ class DataSummary:
     per_bucket: dict[str, int]
     bytes_per_sample: float
     column_bytes_per_sample: dict[str, float] = field(default_factory=dict)
+    generated_captions: int = 0
+    """Kept rows captioned by data.captioning's model."""
+    truncated_captions: int = 0
+    """Captions cut to data.encode.max_caption_tokens."""
+    per_source: dict[str, int] = field(default_factory=dict)
+    """Encoded samples per source."""
     manifest_path: str = ""
 
     def format(self) -> str:
@@ -58,8 +64,12 @@ class DataSummary:
             f"source rows     {self.source_rows} (new {self.new_rows}, reused {reused})",
             f"new samples     {self.new_encoded} encoded for this version, "
             f"{self.encoded - self.new_encoded} reused",
-            f"downloaded      {self.downloaded}",
+            f"fetched         {self.downloaded} (downloaded or read)",
             f"kept + encoded  {self.encoded} (kept by filters {self.kept})",
+            "per source      "
+            + ", ".join(f"{name} {count}" for name, count in self.per_source.items()),
+            f"captions        {self.generated_captions} generated, "
+            f"{self.truncated_captions} cut to the token cap",
             "rejected by reason:",
         ]
         for stage, reasons in self.rejected.items():
@@ -97,6 +107,9 @@ def build_manifest(
             f"{layout.data}: {encoded} encoded rows, expected {kept - len(duplicates)}"
         )
     per_bucket = _per_bucket(config, shard_entries)
+    source_entries = _source_entries(
+        config, registry, outcomes.to_pylist(), duplicates, shard_entries
+    )
     total_bytes = sum(entry["num_bytes"] for entry in shard_entries)
     new_rows = sum(1 for row in registry.rows if row["added_in"] == registry.version)
     summary = DataSummary(
@@ -112,6 +125,9 @@ def build_manifest(
         rejected=rejected,
         per_bucket={bucket: entry["num_samples"] for bucket, entry in per_bucket.items()},
         bytes_per_sample=total_bytes / max(encoded, 1),
+        generated_captions=_sum(shard_entries, "num_generated_captions"),
+        truncated_captions=_sum(shard_entries, "num_truncated_captions"),
+        per_source={source["name"]: source["counts"]["encoded"] for source in source_entries},
         column_bytes_per_sample={
             name: size / max(encoded, 1) for name, size in column_bytes.items()
         },
@@ -119,9 +135,7 @@ def build_manifest(
     manifest = {
         "dataset_id": _dataset_id(shard_entries, config),
         "version": registry.version,
-        "sources": _source_entries(
-            config, registry, outcomes.to_pylist(), duplicates, shard_entries
-        ),
+        "sources": source_entries,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "code_version": code_version(),
         "config_hash": config_hash(config),
@@ -135,6 +149,8 @@ def build_manifest(
             "downloaded": summary.downloaded,
             "kept_by_filters": summary.kept,
             "encoded": summary.encoded,
+            "generated_captions": summary.generated_captions,
+            "truncated_captions": summary.truncated_captions,
             "rejected": summary.rejected,
         },
         "buckets": per_bucket,
@@ -196,6 +212,12 @@ def _source_entries(
                     "source_rows": len(own),
                     "kept_by_filters": sum(row["reason"] == "kept" for row in own),
                     "encoded": sum(per_bucket.values()),
+                    "generated_captions": _sum(
+                        shard_entries, "num_generated_captions", source.name
+                    ),
+                    "truncated_captions": _sum(
+                        shard_entries, "num_truncated_captions", source.name
+                    ),
                     "rejected": _rejections(
                         own, {key: value for key, value in duplicates.items() if key in keys}
                     ),
@@ -204,6 +226,10 @@ def _source_entries(
             }
         )
     return entries
+
+
+def _sum(entries: list[dict[str, Any]], key: str, source: str | None = None) -> int:
+    return sum(entry[key] for entry in entries if source is None or entry["source"] == source)
 
 
 def _rejections(outcomes: list[dict[str, Any]], duplicates: dict) -> dict[str, dict[str, int]]:
@@ -232,6 +258,7 @@ def _shard_entries(
                     column_bytes[name] += chunk.total_uncompressed_size
         # Chunks never span two lists: the chunk names the shard's source, list and version.
         chunk = chunk_rows[shard_format.shard_chunk_index(path)]
+        captions = pq.read_table(path, columns=["caption_origin", "caption_truncated"])
         entries.append(
             {
                 "path": str(path.relative_to(layout.data)),
@@ -240,6 +267,8 @@ def _shard_entries(
                 "num_bytes": path.stat().st_size,
                 "source": chunk["source"],
                 "source_list": chunk["source_list"],
+                "num_generated_captions": captions["caption_origin"].to_pylist().count("generated"),
+                "num_truncated_captions": sum(captions["caption_truncated"].to_pylist()),
                 "added_in": chunk["added_in"],
             }
         )

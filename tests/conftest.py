@@ -69,6 +69,7 @@ def tiny_overrides(root: Path, models: TinyModelPaths, *overrides: str) -> list[
     ]
     return [
         f"run.root={root}",
+        f"data.sources.2.paths={models.photos}",
         f"data.encode.qwen2vl={models.qwen2vl}",
         f"data.encode.flux={models.flux}",
         *frozen_bases,

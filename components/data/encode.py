@@ -67,6 +67,9 @@ class EncodeConfig:
     """dtype the encoders run in: float32 or bfloat16."""
     seed: int = 0
     """Seed of the generator for latent_mode='sample' (draws depend on call order)."""
+    max_caption_tokens: int = 512
+    """Captions are cut to this many tokens before encoding (counted); inference caps prompts
+    at the same length (infer.requests.max_prompt_tokens)."""
 
     def __post_init__(self) -> None:
         for name in ("qwen2vl", "flux", "instruction"):
@@ -76,6 +79,8 @@ class EncodeConfig:
             raise ValueError(f"image_tokens must be >= 4, got {self.image_tokens}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_caption_tokens < 1:
+            raise ValueError(f"max_caption_tokens must be >= 1, got {self.max_caption_tokens}")
         if self.hidden_dtype not in HIDDEN_DTYPES:
             raise ValueError(f"hidden_dtype must be one of {sorted(HIDDEN_DTYPES)}")
         if self.latent_mode not in ("mean", "sample"):
@@ -102,6 +107,33 @@ def encode_hidden(hidden: torch.Tensor, dtype_name: str) -> dict[str, torch.Tens
     scale = hidden.abs().amax(dim=-1).clamp_min(1e-12) / FP8_MAX
     quantised = (hidden / scale.unsqueeze(-1)).to(torch.float8_e4m3fn)
     return {"hidden": quantised, "scale": scale}
+
+
+def image_chat_tokens(tokenizer, image_processor, images: list[Image.Image], *, instruction, size):
+    """(tokens, vision) of a user turn holding an image and `instruction`, with the generation
+    prompt: the chat text with <|image_pad|> repeated once per merged image patch, tokenized
+    and right-padded, and the image processor's pixel_values and image_grid_thw."""
+    vision = image_processor(
+        images=[image.convert("RGB") for image in images], size=size, return_tensors="pt"
+    )
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}
+    ]
+    template = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    image_pad = "<|image_pad|>"
+    merge_area = image_processor.merge_size**2
+    texts = [
+        template.replace(image_pad, image_pad * (int(grid.prod()) // merge_area), 1)
+        for grid in vision["image_grid_thw"]
+    ]
+    tokens = tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
+    return tokens, vision
+
+
+def image_size_for(image_processor, image_tokens: int) -> dict[str, int]:
+    """The processor size that gives `image_tokens` merged image tokens (fixed pixel count)."""
+    target_pixels = image_tokens * (image_processor.patch_size * 2) ** 2
+    return {"shortest_edge": target_pixels, "longest_edge": target_pixels}
 
 
 def _pick_device(name: str) -> torch.device:
@@ -161,8 +193,7 @@ class SampleEncoder:
             template_file = self.qwen2vl.path / "chat_template.json"
             self.tokenizer.chat_template = json.loads(template_file.read_text())["chat_template"]
         self.image_processor = AutoImageProcessor.from_pretrained(self.qwen2vl.path)
-        target_pixels = self.config.image_tokens * (self.image_processor.patch_size * 2) ** 2
-        self._image_size = {"shortest_edge": target_pixels, "longest_edge": target_pixels}
+        self._image_size = image_size_for(self.image_processor, self.config.image_tokens)
 
     def _load_flux_parts(self) -> None:
         root = self.flux.path
@@ -221,6 +252,13 @@ class SampleEncoder:
             samples.append(sample)
         return samples
 
+    def fit_caption(self, caption: str) -> tuple[str, bool]:
+        """(caption, was it cut): cut to max_caption_tokens tokens of the Qwen2-VL tokenizer."""
+        ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.config.max_caption_tokens:
+            return caption, False
+        return self.tokenizer.decode(ids[: self.config.max_caption_tokens]).strip(), True
+
     def _chat_text(self, content: list[dict]) -> str:
         messages = [{"role": "user", "content": content}]
         return self.tokenizer.apply_chat_template(
@@ -232,28 +270,19 @@ class SampleEncoder:
 
     def image_prompt_batch(self, images: list[Image.Image]) -> PromptBatch:
         """User turn (image + instruction) with generation prompt, like the Qwen2-VL processor."""
-        vision = self.image_processor(
-            images=[image.convert("RGB") for image in images],
+        tokens, vision = image_chat_tokens(
+            self.tokenizer,
+            self.image_processor,
+            images,
+            instruction=self.config.instruction,
             size=self._image_size,
-            return_tensors="pt",
         )
-        grid_thw_N3 = vision["image_grid_thw"]
-        template = self._chat_text(
-            [{"type": "image"}, {"type": "text", "text": self.config.instruction}]
-        )
-        image_pad = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
-        merge_area = self.image_processor.merge_size**2
-        texts = [
-            template.replace(image_pad, image_pad * (int(grid.prod()) // merge_area), 1)
-            for grid in grid_thw_N3
-        ]
-        tokens = self._tokenize(texts)
         return PromptBatch(
             input_ids_BL=tokens["input_ids"].to(self.device),
             attention_mask_BL=tokens["attention_mask"].to(self.device),
             mm_token_type_ids_BL=(tokens["input_ids"] == self.image_token_id).int().to(self.device),
             pixel_values_PC=vision["pixel_values"].to(self.device, self.compute_dtype),
-            image_grid_thw_N3=grid_thw_N3.to(self.device),
+            image_grid_thw_N3=vision["image_grid_thw"].to(self.device),
         )
 
     def caption_prompt_batch(self, captions: list[str]) -> PromptBatch:
@@ -330,6 +359,7 @@ class SampleEncoder:
             "image_tokens": config.image_tokens,
             "image_pixels": self._image_size["longest_edge"],
             "instruction": config.instruction,
+            "max_caption_tokens": config.max_caption_tokens,
             "chat_template_sha256": hashlib.sha256(
                 self.tokenizer.chat_template.encode("utf-8")
             ).hexdigest(),

@@ -218,6 +218,11 @@ def perceptual_hash(image: Image.Image) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
+def needs_caption(caption: str | None, config: FilterConfig) -> bool:
+    """A caption the caption check would reject: missing, or under min_caption_chars."""
+    return not isinstance(caption, str) or len(caption.strip()) < max(1, config.min_caption_chars)
+
+
 def _check_caption(caption: str | None, config: FilterConfig) -> Rejection | None:
     if not isinstance(caption, str) or len(caption.strip()) < config.min_caption_chars:
         return Rejection("missing_caption", f"caption {caption!r:.60} < {config.min_caption_chars}")

@@ -33,7 +33,7 @@ import torch
 FORMAT_VERSION = 3
 """2: versioned manifests (version, sources, per-shard source list); 3: sources of several
 kinds with sampling weights and per-source counts in the manifest, a `source` per shard entry,
-shard columns `source`, `caption_origin` and `caption_model`."""
+shard columns `source`, `caption_origin`, `caption_model` and `caption_truncated`."""
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 VERSIONS_DIR = "versions"
@@ -45,6 +45,7 @@ SCALAR_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("caption", pa.string()),
     ("caption_origin", pa.string()),
     ("caption_model", pa.string()),
+    ("caption_truncated", pa.bool_()),
     ("bucket_id", pa.string()),
     ("width_px", pa.int32()),
     ("height_px", pa.int32()),
@@ -54,8 +55,8 @@ SCALAR_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
 )
 """Per-sample scalars: identity (key; source name; url, or `<source>:<locator>` for a local
 source), caption and where it came from (`caption_origin` "given" by the source or "generated";
-`caption_model` "<model>@<revision>" of a generated one, else ""), bucket size (width/height)
-and the source image's size."""
+`caption_model` "<model>@<revision>" of a generated one, else ""; `caption_truncated`: cut to
+the encoder's max_caption_tokens), bucket size (width/height) and the source image's size."""
 
 CAPTION_ORIGINS = ("given", "generated")
 

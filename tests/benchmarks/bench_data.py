@@ -1,18 +1,34 @@
 """Throughput of the data pipeline's CPU stages, measured side by side in one run.
 
-(A) download + filter + bucket: the pipeline's chunk stage (`pipelines.data_chunks.process_chunk`
-    as Ray tasks, started by the pipeline's own `_process_chunks`; it decodes each image and fits
-    it to its bucket, once) against `img2dataset.download` alone, both over the same synthetic
-    corpus served on 127.0.0.1, in source rows per second.
+(A) download + filter + bucket: the pipeline's chunk stage for a `url_list` source
+    (`pipelines.data_chunks.process_chunk` as Ray tasks, started by the pipeline's own
+    `_process_chunks` with `_chunk_sources`; it decodes each image and fits it to its bucket,
+    once) against `img2dataset.download` alone, both over the same synthetic corpus served on
+    127.0.0.1 (the pipeline's list holds relative urls, resolved against the source's base url),
+    in source rows per second.
 (B) encode: `pipelines.data.GroupEncoder` actors on a Ray Data actor pool (the call
     `_encode_groups` makes) against one `GroupEncoder` looping in this process, on the same
     (chunk, bucket) groups of part A's output (their fitted images), in samples per second.
+(C) folder read + filter + bucket: the chunk stage for a `folder` source (the same images as
+    part A in one folder, a .txt caption sidecar each), listed and registered as a run does it,
+    then `_process_chunks` on a fresh in-process Ray with 2 CPUs, timed from the first chunk
+    submit to the last outcome file (ray.init and the listing on the driver are not in it, as
+    in part A), against one plain loop in this process over the same files. The loop lists the
+    folder (`folder_source.list_folder`, timed apart and not counted, like our driver-side
+    listing), then per image reads the bytes (`read_image_bytes`, the chunk task's limit), runs
+    `filter_sample` with the same FilterConfig and BucketConfig (decode, checks, sha256, pHash,
+    fit to the bucket) and packs the fitted image to the raw RGB bytes the chunk task writes,
+    keeping them in memory. It does not start Ray, pay cold imports, write the fitted files
+    (Parquet + lz4) or the outcome file: all of that is in our time only. Both sides must reach
+    the same reason for every image, or the benchmark fails (every image has a caption, so
+    data.captioning, off in the tiny preset, changes no decision). In images per second.
 
-    python tests/benchmarks/bench_data.py [--images N] [--repeats R]
+    python tests/benchmarks/bench_data.py [--images N] [--repeats R] [--folder-chunks K]
 
-Every timed step is repeated and the best repeat is reported (the machine is shared). Not a
-pytest module. Only the standard library is imported at import time: img2dataset starts its
-workers with spawn, which imports this file again in every worker.
+Every timed step is repeated and the best repeat is reported (the machine is shared); the two
+sides of a part alternate which goes first. Not a pytest module. Only the standard library is
+imported at import time: img2dataset starts its workers with spawn, which imports this file again
+in every worker.
 """
 
 from __future__ import annotations
@@ -39,9 +55,16 @@ RUN_ENV = QUIET_ENV
 MAX_RAY_TEMP_CHARS = 44
 DOWNLOAD_TARGET = 0.85
 ENCODE_TARGET = 1.6
+FOLDER_TARGET = 1.5
 DOWNLOAD_BUDGET_SHARE = 0.4
-"""Part A stops repeating after this share of --budget-s; part B has the rest."""
+"""Part A stops repeating after this share of --budget-s."""
+FOLDER_BUDGET_SHARE = 0.55
+"""Part C (run after A) stops repeating after this share of --budget-s; part B has the rest."""
 DOWNLOAD_VARIANTS = ("img2dataset", "ours")
+FOLDER_OURS = "folder ours"
+FOLDER_SINGLE = "folder single loop"
+FOLDER_VARIANTS = (FOLDER_OURS, FOLDER_SINGLE)
+FOLDER_SOURCE = "photos"
 SINGLE_ONE_THREAD = "single, 1 torch thread"
 POOL_ONE_THREAD = "pool, 1 torch thread"
 
@@ -80,6 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=16, help="download threads per process")
     parser.add_argument("--encode-samples", type=int, default=192, help="samples encoded in (B)")
     parser.add_argument(
+        "--folder-chunks",
+        type=int,
+        default=4,
+        help="chunks the folder source of (C) is split into (data.resources.chunk_size = "
+        "images / K, rounded up): at least 2 so both cores get a chunk task; more than 2 lets "
+        "the faster worker take the next chunk",
+    )
+    parser.add_argument(
         "--ray-worker-niceness",
         type=int,
         default=0,
@@ -96,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.images < 24 or args.repeats < 1 or args.encode_samples < 2:
         parser.error("need --images >= 24, --repeats >= 1, --encode-samples >= 2")
+    if not 2 <= args.folder_chunks <= args.images:
+        parser.error("need 2 <= --folder-chunks <= --images")
     return args
 
 
@@ -124,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args, work=work, ray_temp=ray_temp)
         bench.prepare()
         bench.run_download()
+        bench.run_folder()
         bench.run_encode()
         bench.report()
         print(
@@ -139,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class Bench:
-    """Holds the corpus, configs and timings shared by parts A and B."""
+    """Holds the corpus, configs and timings shared by parts A, B and C."""
 
     def __init__(self, args: argparse.Namespace, *, work: Path, ray_temp: str) -> None:
         self.args = args
@@ -147,12 +181,17 @@ class Bench:
         self.ray_temp = ray_temp
         self.timings = Timings()
         self.chunk_size = math.ceil(args.images / 2)
+        self.folder_chunk_size = math.ceil(args.images / args.folder_chunks)
         self.corpus = work / "corpus"
+        self.folder = work / "folder"
+        self.folder_reasons: dict[str, str] | None = None
+        """Part C's reason per image relpath, from its first run; every later run must match."""
         self.encode_layout_root: Path | None = None
         self.started = time.perf_counter()
 
     def prepare(self) -> None:
-        """Corpus, url lists (relative for the pipeline, absolute for img2dataset), models."""
+        """Corpus, url lists (relative for the pipeline, absolute for img2dataset), the folder
+        of part C (the same image files, a .txt caption sidecar each), models."""
         from components.data.demo_corpus import write_synthetic_corpus, write_url_list
         from components.tiny_models import build_tiny_models
 
@@ -161,6 +200,12 @@ class Bench:
             self.corpus, count=self.args.images, seed=0, max_side_px=self.args.max_side
         )
         self.url_list = write_url_list(self.items, self.work / "urls.parquet")
+        self.folder.mkdir()
+        for item in self.items:
+            shutil.copyfile(self.corpus / item.relpath, self.folder / item.relpath)
+            if item.caption is not None:
+                sidecar = (self.folder / item.relpath).with_suffix(".txt")
+                sidecar.write_text(item.caption, encoding="utf-8")
         self.models = build_tiny_models(self.work / "models", seed=0)
         corpus_bytes = sum(path.stat().st_size for path in self.corpus.iterdir())
         print(
@@ -170,19 +215,28 @@ class Bench:
             flush=True,
         )
 
-    def config(self, root: Path):
+    def config(self, root: Path, *, folder: bool = False):
+        """The tiny preset with one source: part A's url list (served, relative urls) or, with
+        `folder`, part C's folder; the same filters and buckets either way."""
         from pipelines.config import load_config
 
+        if folder:
+            source = f"{{name = '{FOLDER_SOURCE}', kind = 'folder', paths = ['{self.folder}']}}"
+        else:
+            source = (
+                "{name = 'web', kind = 'url_list', "
+                f"paths = ['{self.url_list}'], serve_dir = '{self.corpus}'}}"
+            )
+        chunk_size = self.folder_chunk_size if folder else self.chunk_size
         return load_config(
             "tiny",
             [
                 f"run.root={root}",
-                "data.sources=[{name = 'web', kind = 'url_list', "
-                f"paths = ['{self.url_list}'], serve_dir = '{self.corpus}'}}]",
+                f"data.sources=[{source}]",
                 f"data.buckets.max_side_px={self.args.max_side}",
                 "data.filters.min_side_px=64",
                 f"data.download.thread_count={self.args.threads}",
-                f"data.resources.chunk_size={self.chunk_size}",
+                f"data.resources.chunk_size={chunk_size}",
                 f"data.encode.qwen2vl={self.models.qwen2vl}",
                 f"data.encode.flux={self.models.flux}",
             ],
@@ -263,44 +317,161 @@ class Bench:
         print(f"[A{repeat}] img2dataset: {elapsed:.2f} s, {successes} downloaded", flush=True)
         shutil.rmtree(out, ignore_errors=True)
 
-    def _ours_once(self, repeat: int, *, base_url: str, absolute_list: Path) -> None:
-        """A fresh in-process Ray per repeat, so chunk tasks start in cold workers as in a run."""
+    def _chunk_stage(self, root: Path, config, *, base_urls: dict[str, str]) -> tuple:
+        """The chunk stage as run_data runs it: list and register the sources, then
+        `_process_chunks` on a fresh in-process Ray, so chunk tasks start in cold workers.
+
+        Returns (seconds from the first chunk submit to the last outcome, ray.init seconds,
+        layout, number of chunks, seconds after the first submit at which each chunk's outcome
+        file was written, from its mtime).
+        """
         import ray
 
-        from pipelines.data import _process_chunks
-        from pipelines.data_layout import DataLayout, read_outcomes
+        from pipelines.data import _chunk_sources, _process_chunks
+        from pipelines.data_layout import DataLayout
         from pipelines.data_sources import discover_lists, register_sources
 
-        root = self.work / f"ours-{repeat}"
-        config = self.config(root)
         layout = DataLayout(root)
-        lists = discover_lists([str(self.url_list)])
-        chunks = register_sources(
-            layout, lists, chunk_size=config.data.resources.chunk_size
-        ).chunks()
+        lists = discover_lists(config.data)
+        registry = register_sources(layout, lists, config=config.data)
+        chunks = registry.chunks()
+        sources = _chunk_sources(registry, lists, config.data, base_urls)
         started = time.perf_counter()
         self._ray_init()
         init_seconds = time.perf_counter() - started
         try:
-            started = time.perf_counter()
+            started, submitted_at = time.perf_counter(), time.time()
             _process_chunks(
-                chunks, layout=layout, config=config.data, base_url=base_url, show_progress=False
+                chunks, layout=layout, config=config.data, sources=sources, show_progress=False
             )
             elapsed = time.perf_counter() - started
         finally:
             ray.shutdown()
-        reasons = Counter(read_outcomes(layout, len(chunks))["reason"].to_pylist())
+        finished = sorted(
+            layout.chunk_outcome(index).stat().st_mtime - submitted_at
+            for index in range(len(chunks))
+        )
+        return elapsed, init_seconds, layout, len(chunks), finished
+
+    def _ours_once(self, repeat: int, *, base_url: str, absolute_list: Path) -> None:
+        """Part A's pipeline side, its url list's relative urls resolved against base_url."""
+        from pipelines.data_layout import read_outcomes
+
+        root = self.work / f"ours-{repeat}"
+        config = self.config(root)
+        elapsed, init_seconds, layout, num_chunks, _ = self._chunk_stage(
+            root, config, base_urls={"web": base_url}
+        )
+        reasons = Counter(read_outcomes(layout, num_chunks)["reason"].to_pylist())
         self.timings.add("ours", elapsed)
         self.timings.add("ray.init", init_seconds)
         self.timings.notes["ours"] = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
         print(
-            f"[A{repeat}] ours: {elapsed:.2f} s over {len(chunks)} chunks "
+            f"[A{repeat}] ours: {elapsed:.2f} s over {num_chunks} chunks "
             f"(ray.init {init_seconds:.2f} s), {dict(reasons)}",
             flush=True,
         )
         if self.encode_layout_root is not None:
             shutil.rmtree(self.encode_layout_root, ignore_errors=True)
         self.encode_layout_root = root
+
+    def run_folder(self) -> None:
+        """Part C, alternating which side goes first so drifting load hits both alike."""
+        for repeat in self._repeats("C", share=FOLDER_BUDGET_SHARE):
+            sides = [self._folder_ours_once, self._folder_single_once]
+            if repeat % 2:
+                sides.reverse()
+            for side in sides:
+                side(repeat)
+
+    def _folder_ours_once(self, repeat: int) -> None:
+        """The folder source's chunk stage as a run does it, in a fresh run root each repeat
+        (a chunk with an outcome file is skipped)."""
+        from pipelines.data_layout import read_outcomes
+
+        root = self.work / f"folder-ours-{repeat}"
+        config = self.config(root, folder=True)
+        elapsed, init_seconds, layout, num_chunks, finished = self._chunk_stage(
+            root, config, base_urls={}
+        )
+        outcomes = read_outcomes(layout, num_chunks).select(["url", "reason"]).to_pylist()
+        prefix = f"{FOLDER_SOURCE}:"
+        reasons = {row["url"].removeprefix(prefix): row["reason"] for row in outcomes}
+        counts = self._check_folder_reasons("ours", reasons)
+        self.timings.add(FOLDER_OURS, elapsed)
+        self.timings.add("folder ray.init", init_seconds)
+        self.timings.notes[FOLDER_OURS] = (
+            f"{num_chunks} chunks of up to {self.folder_chunk_size} images, "
+            f"{config.data.resources.cpus_per_chunk_task:g} CPU each"
+        )
+        print(
+            f"[C{repeat}] ours: {elapsed:.2f} s over {num_chunks} chunks "
+            f"(ray.init {init_seconds:.2f} s; outcome files written at "
+            f"{', '.join(f'{at:.2f}' for at in finished)} s), {dict(sorted(counts.items()))}",
+            flush=True,
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+    def _folder_single_once(self, repeat: int) -> None:
+        """Part C's baseline: the module docstring says what it does and does not do."""
+        from components.data.buckets import pack_fitted_image
+        from components.data.filters import Rejection, filter_sample
+        from components.data.folder_source import list_folder, read_image_bytes
+        from components.data.local_sources import MAX_IMAGE_BYTES
+        from pipelines.data_layout import SCORE_COLUMNS
+
+        config = self.config(self.work / "folder-single", folder=True).data
+        reader = config.source(FOLDER_SOURCE).reader_config()
+        scores = dict.fromkeys(SCORE_COLUMNS)
+        started = time.perf_counter()
+        entries = list_folder(reader)
+        list_seconds = time.perf_counter() - started
+        reasons: dict[str, str] = {}
+        fitted: list[tuple[str, str, bytes]] = []
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for entry in entries:
+            data, reason, _ = read_image_bytes(entry, max_bytes=MAX_IMAGE_BYTES)
+            if data is None:
+                reasons[entry.relpath] = reason or "unreadable"
+                continue
+            result = filter_sample(
+                data, entry.caption, scores=scores, config=config.filters, buckets=config.buckets
+            )
+            if isinstance(result, Rejection):
+                reasons[entry.relpath] = result.reason
+                continue
+            reasons[entry.relpath] = "kept"
+            pixels = pack_fitted_image(result.fitted, result.bucket)
+            fitted.append((entry.relpath, result.bucket.bucket_id, pixels))
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
+        counts = self._check_folder_reasons("single loop", reasons)
+        self.timings.add(FOLDER_SINGLE, elapsed)
+        self.timings.notes[FOLDER_SINGLE] = (
+            f"listing {list_seconds:.2f} s (not counted), {cpu / elapsed:.2f} CPU s per s, "
+            f"{sum(len(item[2]) for item in fitted) / 2**20:.0f} MiB of fitted pixels kept"
+        )
+        print(
+            f"[C{repeat}] single loop: {elapsed:.2f} s (listing {list_seconds:.2f} s apart), "
+            f"{dict(sorted(counts.items()))}",
+            flush=True,
+        )
+
+    def _check_folder_reasons(self, side: str, reasons: dict[str, str]) -> Counter:
+        """Counts per reason; raises unless every image got the reason of part C's first run."""
+        if len(reasons) != self.args.images:
+            raise RuntimeError(f"part C: {side} saw {len(reasons)} of {self.args.images} images")
+        if self.folder_reasons is None:
+            self.folder_reasons = reasons
+        expected = self.folder_reasons
+        differing = sorted(key for key in reasons if reasons[key] != expected.get(key))
+        if differing:
+            first = differing[0]
+            raise RuntimeError(
+                f"part C: {side} gave {len(differing)} images another reason than the first "
+                f"run did (first: {first}: {reasons[first]} vs {expected.get(first)})"
+            )
+        return Counter(reasons.values())
 
     def run_encode(self) -> None:
         """Part B on the last part-A run's layout; shards are deleted after every run.
@@ -346,6 +517,7 @@ class Bench:
 
         from pipelines.data import _mark_duplicates, _pending_groups
         from pipelines.data_layout import DataLayout
+        from pipelines.data_sources import read_registry
 
         layout = DataLayout(self.encode_layout_root)
         config = self.config(self.encode_layout_root).data
@@ -361,7 +533,8 @@ class Bench:
                 if row["reason"] == "kept" and row["sample_key"] not in duplicates
             ]
             skipped.update({key: ("not_benchmarked", "") for key in kept[per_chunk:]})
-        groups = _pending_groups(layout, skipped)
+        chunk_sources = {row["chunk_index"]: row["source"] for row in read_registry(layout)}
+        groups = _pending_groups(layout, skipped, chunk_sources)
         self.encode_samples = sum(len(group["keys"]) for group in groups)
         sizes = Counter(group["bucket_id"] for group in groups for _ in group["keys"])
         self.timings.notes["groups"] = f"{len(groups)} groups, {dict(sorted(sizes.items()))}"
@@ -424,7 +597,7 @@ class Bench:
         print(f"\n== measured (best of {self.args.repeats} repeats each) ==")
         print(f"{'variant':<46}{'best s':>8}{'all s':>24}{'rate (best)':>18}")
         for name, values in timings.seconds.items():
-            if name in DOWNLOAD_VARIANTS:
+            if name in DOWNLOAD_VARIANTS or name in FOLDER_VARIANTS:
                 rate = f"{images / min(values):.1f} img/s"
             elif name in timings.cpu_seconds:
                 rate = f"{self.encode_samples / min(values):.1f} samples/s"
@@ -438,9 +611,9 @@ class Bench:
             print(f"  {name} (best run): {timings.best_detail(name)}")
         self._print_cpu_use()
         rates = {
-            name: (images if name in DOWNLOAD_VARIANTS else self.encode_samples)
+            name: (images if name in DOWNLOAD_VARIANTS + FOLDER_VARIANTS else self.encode_samples)
             / timings.best(name)
-            for name in (*DOWNLOAD_VARIANTS, *timings.cpu_seconds)
+            for name in (*DOWNLOAD_VARIANTS, *FOLDER_VARIANTS, *timings.cpu_seconds)
         }
         self._print_summary(rates)
 
@@ -452,6 +625,12 @@ class Bench:
         print(
             f"download+filter+bucket: ours {ours:.1f} img/s, img2dataset {baseline:.1f} img/s, "
             f"ratio {ours / baseline:.2f} (target >= {DOWNLOAD_TARGET})"
+        )
+        folder_ours, folder_single = rates[FOLDER_OURS], rates[FOLDER_SINGLE]
+        print(
+            f"folder read+filter+bucket: ours {folder_ours:.1f} img/s, single loop "
+            f"{folder_single:.1f} img/s, ratio {folder_ours / folder_single:.2f} "
+            f"(target >= {FOLDER_TARGET})"
         )
         print(
             f"encode: pool {pool:.1f} samples/s, single {single:.1f} samples/s, "
@@ -466,6 +645,25 @@ class Bench:
         if POOL_ONE_THREAD in rates:
             pool_one = rates[POOL_ONE_THREAD]
             print(f"encode, {POOL_ONE_THREAD}: {pool_one:.1f} samples/s, x{pool_one / single:.2f}")
+        self._print_startup_context()
+
+    def _print_startup_context(self) -> None:
+        """Each chunk stage's rate with its best ray.init added, and part C's outcome counts."""
+        timings, images = self.timings, self.args.images
+        for part, ours, init, baseline in (
+            ("download", "ours", "ray.init", "img2dataset"),
+            ("folder", FOLDER_OURS, "folder ray.init", FOLDER_SINGLE),
+        ):
+            with_init = images / (timings.best(ours) + timings.best(init))
+            print(
+                f"{part}, ours counting ray.init ({timings.best(init):.2f} s): "
+                f"{with_init:.1f} img/s, ratio {with_init * timings.best(baseline) / images:.2f}"
+            )
+        counts = Counter((self.folder_reasons or {}).values())
+        print(
+            "folder outcomes, the same per image on both sides in every repeat: "
+            + ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
+        )
 
     def _print_cpu_use(self) -> None:
         """Cores each encode variant got in its best run, and samples per CPU second.

@@ -94,8 +94,9 @@ def test_manifest_says_how_the_tensors_were_made(dataset_root, tables):
 def test_sources_account_for_every_row_and_shard(dataset_root, tables):
     manifest = shard_format.read_manifest(dataset_root)
     sources = {source["name"]: source for source in manifest["sources"]}
-    assert sum(source["counts"]["source_rows"] for source in sources.values()) == (
-        manifest["counts"]["source_rows"]
+    assert (
+        sum(source["counts"]["source_rows"] for source in sources.values())
+        == (manifest["counts"]["source_rows"])
     )
     for name, source in sources.items():
         counts = source["counts"]

@@ -1,6 +1,7 @@
 """The bars of the cache: shard rows (after the Parquet round trip) replay Qwen2-VL's last layer
 exactly and hold the VAE latents of the bucketed image, for samples of different buckets; the
-fitted image the encoder read is exactly the downloaded bytes decoded and fitted again here."""
+fitted image the encoder read is exactly the source bytes (downloaded, or read from the tiny
+preset's folder source) decoded and fitted again here."""
 
 from pathlib import Path
 
@@ -22,10 +23,20 @@ from pipelines.data_layout import DataLayout, read_fitted_slices
 pytestmark = pytest.mark.integration
 
 
-def _original_bytes(layout: DataLayout, chunk: int) -> dict[str, bytes]:
-    """The downloaded bytes of a chunk, by sample key, as img2dataset wrote them."""
-    table = pq.read_table(layout.chunk_dir(chunk) / DOWNLOAD_FILE_NAME, columns=["key", "image"])
-    return {row["key"]: row["image"] for row in table.to_pylist() if row["image"] is not None}
+def _original_bytes(layout: DataLayout, chunk: int, config=None) -> dict[str, bytes]:
+    """The source bytes of a chunk, by sample key: as img2dataset wrote them for a url-list
+    chunk, read here from the folder for a chunk of a folder source."""
+    downloaded = layout.chunk_dir(chunk) / DOWNLOAD_FILE_NAME
+    if downloaded.exists():
+        table = pq.read_table(downloaded, columns=["key", "image"])
+        return {row["key"]: row["image"] for row in table.to_pylist() if row["image"] is not None}
+    originals = {}
+    for row in pq.read_table(layout.chunk_outcome(chunk)).to_pylist():
+        source, relpath = row["url"].split(":", 1)
+        folder = Path(config.data.source(source).paths[0])
+        if row["reason"] == "kept":
+            originals[row["sample_key"]] = (folder / relpath).read_bytes()
+    return originals
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +52,7 @@ def stored(tiny_data_run):
         path = next(p for p in path if p.parent.name == f"bucket={bucket_id}")
         samples = list(shard_format.iter_samples(shard_format.read_shard(path)))[:2]
         chunk = int(path.stem.removeprefix("part-"))
-        originals = _original_bytes(layout, chunk)
+        originals = _original_bytes(layout, chunk, config)
         for sample in samples:
             image = normalise_image(originals[sample["sample_key"]], max_pixels=10**8)
             picked.append((sample, fit_to_bucket(image, buckets[bucket_id])))
@@ -60,7 +71,7 @@ def test_encoder_input_is_the_image_decoded_and_fitted_once(tiny_data_run):
         bucket = buckets[path.parent.name.removeprefix("bucket=")]
         chunk = int(path.stem.removeprefix("part-"))
         keys = pq.read_table(path, columns=["sample_key"])["sample_key"].to_pylist()
-        originals = _original_bytes(layout, chunk)
+        originals = _original_bytes(layout, chunk, config)
         fitted = layout.fitted_images(chunk, bucket.bucket_id)
         for slice_keys, images in read_fitted_slices(fitted, keys, bucket, slice_rows=64):
             for key, image in zip(slice_keys, images, strict=True):

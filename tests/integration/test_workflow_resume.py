@@ -1,6 +1,7 @@
 """The whole workflow (`qwenflux run all`, a subprocess as an operator or a scheduler runs it)
 against crashes and growth.
 
+Both runs mix two sources (url lists served on 127.0.0.1 and a local folder read directly).
 Crashes: one run goes straight through; another is SIGKILLed (its whole process group, as a
 crash would) inside each step in turn (data, train, register, promote, infer), and the same
 command is rerun after each kill. The finished run equals the straight one: the same shard
@@ -69,8 +70,16 @@ def _command(root: Path, models, corpus_folder: Path, requests: Path, lists: Pat
     overrides = tiny_overrides(
         root,
         models,
+        # A mixed-source run: the url lists (a new one arrives for the refresh) and a folder.
         sources_override(
-            {"name": "web", "kind": "url_list", "paths": [lists], "serve_dir": corpus_folder}
+            {"name": "web", "kind": "url_list", "paths": [lists], "serve_dir": corpus_folder},
+            {
+                "name": "photos",
+                "kind": "folder",
+                "paths": [models.photos],
+                "weight": 0.5,
+                "metadata_file": "metadata.jsonl",
+            },
         ),
         "data.resources.chunk_size=8",
         f"infer.requests_file={requests}",

@@ -42,6 +42,7 @@ def _sample(bucket_id: str, number: int, *, hidden_dtype: str) -> dict:
         "url": f"http://127.0.0.1/{number}.png",
         "caption": f"caption {number}",
         "caption_origin": "given",
+        "caption_truncated": False,
         "caption_model": "",
         "bucket_id": bucket_id,
         "width_px": width,

@@ -33,6 +33,7 @@ def _row(key: str, length: int) -> dict:
         "url": f"http://x/{key}",
         "caption": "c",
         "caption_origin": "given",
+        "caption_truncated": False,
         "caption_model": "",
         "bucket_id": "64x64",
         "width_px": 64,

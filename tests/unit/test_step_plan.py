@@ -49,7 +49,8 @@ MIX_STEPS = 20000
 
 def _row(bucket_id: str, source: str, number: int) -> dict:
     """A shard row the index never reads (it reads footers): every column present, tiny."""
-    row = {name: "" if kind == pa.string() else 0 for name, kind in shard_format.SCALAR_COLUMNS}
+    blank = {pa.string(): "", pa.bool_(): False}
+    row = {name: blank.get(kind, 0) for name, kind in shard_format.SCALAR_COLUMNS}
     row |= {
         "sample_key": f"{source}-{bucket_id}-{number}",
         "bucket_id": bucket_id,
