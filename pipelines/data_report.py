@@ -310,10 +310,13 @@ def _encoder_description(layout: DataLayout) -> dict[str, Any]:
 
 
 def _dataset_id(shard_entries: list[dict[str, Any]], config) -> str:
-    """Names what the shards hold: the data config (url lists aside) and the shard list."""
+    """Names what training draws from: the data config (sources aside), the shard list and the
+    sources' weights (new weights on the same shards train afresh)."""
     digest = hashlib.sha256(state_fingerprint(config.data).encode())
     for entry in shard_entries:
         digest.update(f"{entry['path']}:{entry['num_rows']}".encode())
+    for source in config.data.sources:
+        digest.update(f"{source.name}:{source.weight!r}".encode())
     return digest.hexdigest()[:16]
 
 
