@@ -168,6 +168,7 @@ def _parent_run(
         experiment_id(client, config), run_name=f"{name}-{version['git_sha']}", tags=tags
     )
     params = [Param(key, str(value)[:6000]) for key, value in flatten(config).items()]
+    params += [Param(f"source_share.{name}", f"{share:.6g}") for name, share in _shares(manifest)]
     for start in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[start : start + 100])
     shard_format.write_json_atomic(
@@ -180,6 +181,14 @@ def _parent_run(
         },
     )
     return run.info.run_id
+
+
+def _shares(manifest: dict) -> list[tuple[str, float]]:
+    """The share of steps each source gets (weight over the weights of sources with samples;
+    components/training/step_plan.py draws by it)."""
+    sources = [s for s in manifest.get("sources", []) if s.get("counts", {}).get("encoded")]
+    total = sum(float(source["weight"]) for source in sources)
+    return [(source["name"], float(source["weight"]) / total) for source in sources]
 
 
 def _close_parent(config: PipelineConfig, run_id: str, *, failed: bool) -> None:

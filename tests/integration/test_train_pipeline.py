@@ -33,6 +33,9 @@ def test_three_stages_train_and_the_loss_falls(trained):
     assert client.get_run(step.data.tags["mlflow.parentRunId"]).data.tags["workflow_target"] == (
         "train"
     )
+    # The tiny preset mixes two sources of weight 1: each gets half the steps.
+    params = parents[0].data.params
+    assert (params["source_share.web"], params["source_share.photos"]) == ("0.5", "0.5")
     assert set(stages) == {"stage1", "stage2", "stage3"}
     assert {run.info.status for run in stages.values()} == {"FINISHED"}
     for stage in config.train.stages:
