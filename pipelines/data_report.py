@@ -194,9 +194,12 @@ def _source_entries(
 ) -> list[dict[str, Any]]:
     """Per source: name, kind, weight, its lists, and its rows, kept, rejections, buckets."""
     source_of = {row["sample_key"]: row["source"] for row in registry.rows}
+    by_source: dict[str, list[dict[str, Any]]] = {source.name: [] for source in config.data.sources}
+    for row in outcomes:  # one pass over the outcomes, not one per source
+        by_source[source_of[row["sample_key"]]].append(row)
     entries = []
     for source in config.data.sources:
-        own = [row for row in outcomes if source_of[row["sample_key"]] == source.name]
+        own = by_source[source.name]
         keys = {row["sample_key"] for row in own}
         per_bucket = Counter()
         for entry in shard_entries:

@@ -123,6 +123,7 @@ def read_local_images(
         entries = []
         for row in rows:
             hint = json.loads(row.read_hint) if row.read_hint else {}
+            # Reading needs the member's place only; the caption stays in the registry row.
             entries.append(
                 WebDatasetEntry(
                     key=row.locator.split("::", 1)[-1],
@@ -130,8 +131,6 @@ def read_local_images(
                     member=hint.get("member", ""),
                     offset=int(hint.get("offset", 0)),
                     size=int(hint.get("size", 0)),
-                    caption=row.caption,
-                    caption_from="none" if row.caption is None else "txt",
                     rejection=row.rejection,
                     detail=row.detail,
                 )
