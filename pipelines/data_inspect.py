@@ -9,8 +9,9 @@ saw them). Output, per version, written atomically and overwritten identically o
     <root>/data/inspect/v<NNNN>/counts.png        rejections by stage/reason, samples per
                                                   bucket, samples per source (when known)
 
-Only sample_key, caption and (when the column exists) source are read from the shards; the
-source prefixes a tile's caption ("[name] caption") when the version has several sources. A
+Only sample_key, caption and (when the columns exist) source and caption_origin are read from
+the shards; the source prefixes a tile's caption ("[name] caption") when the version has several
+sources, and a caption the encoder generated is marked ("[generated] caption"). A
 bucket whose fitted files are gone (work files cleaned up) gets a sheet saying so, with the
 images it still has (none when all are gone), and is counted in the report.
 `log_inspection` adds the PNGs to an MLflow run as artifacts under `data_inspect/`.
@@ -53,6 +54,8 @@ class BucketSheet:
     """Samples drawn on the sheet."""
     missing_fitted: tuple[str, ...]
     """Fitted-image files (under the run's data folder) that were gone or incomplete."""
+    captions: tuple[str, ...] = ()
+    """The text under each tile, in tile order (source and "generated" tags included)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +166,8 @@ def _bucket_sheet(
             f"{len(missing)} work files gone (cleaned up?): {', '.join(missing)}"
         )
     _save_png(contact_sheet(tiles, title=title), path=path)
-    return BucketSheet(bucket.bucket_id, path, num_samples, len(tiles), tuple(missing))
+    captions = tuple(caption for _, caption in tiles)
+    return BucketSheet(bucket.bucket_id, path, num_samples, len(tiles), tuple(missing), captions)
 
 
 def pick_samples(
@@ -171,16 +175,17 @@ def pick_samples(
 ) -> list[dict[str, Any]]:
     """Up to `count` rows of a bucket's shards: `count` shards at most (seeded), read in path
     order and drawn from in turn, each one's rows in a seeded random order. A row is
-    {sample_key, caption, chunk_index}, plus `source` when the shard has that column."""
+    {sample_key, caption, chunk_index}, plus `source` and `caption_origin` when the shard has
+    those columns."""
     generator = random.Random(f"{seed}:{bucket_id}")
     ordered = sorted(shards, key=lambda entry: entry["path"])
     chosen = sorted(generator.sample(range(len(ordered)), min(count, len(ordered))))
     queues = []
     for position in chosen:
         path = layout.data / ordered[position]["path"]
+        names = pq.read_schema(path).names
         wanted = ["sample_key", "caption"]
-        if "source" in pq.read_schema(path).names:
-            wanted.append("source")
+        wanted += [name for name in ("source", "caption_origin") if name in names]
         rows = pq.read_table(path, columns=wanted).to_pylist()
         chunk_index = shard_format.shard_chunk_index(path)
         queues.append([{**row, "chunk_index": chunk_index} for row in rows])
@@ -229,8 +234,9 @@ def _source_names(manifest: Mapping[str, Any]) -> set[str]:
 
 def _tile_caption(row: dict[str, Any]) -> str:
     caption = row.get("caption") or "(no caption)"
-    source = row.get("source")
-    return f"[{source}] {caption}" if source else caption
+    tags = [row.get("source"), "generated" if row.get("caption_origin") == "generated" else None]
+    tags = [tag for tag in tags if tag]
+    return f"[{', '.join(tags)}] {caption}" if tags else caption
 
 
 def dataset_counts(manifest: Mapping[str, Any]) -> dict[str, dict[str, int]]:

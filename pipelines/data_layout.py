@@ -60,8 +60,11 @@ bucket as raw RGB bytes (`pack_fitted_image`); the bucket gives its width and he
 # 1.2 ms a read (decoding the JPEG again cost 8 ms); zstd-1 is 10% smaller still but costs 6 and
 # 2.7 ms, and the read is on the encoder actor's path.
 FITTED_COMPRESSION = "lz4"
-FITTED_ROW_GROUP_BYTES = 32 * 2**20
-"""Pixel bytes buffered per bucket before a row group is written (bounds chunk task memory)."""
+FITTED_ROW_GROUP_BYTES = 4 * 2**20
+"""Pixel bytes buffered per bucket before a row group is written (bounds chunk task memory).
+Small on purpose: the buffers are then reused instead of growing the process. Measured on 334
+fitted 512-px images in a fresh process: 0.79 s to write at 4 MiB, 0.96 s at 8, 1.41 s at 32
+(0.5-0.7 s each once the process is warm)."""
 
 
 @dataclass(frozen=True, slots=True)

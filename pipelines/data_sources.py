@@ -184,8 +184,10 @@ def discover_url_lists(entries: Sequence[str]) -> list[tuple[str, str]]:
 
 def lists_fingerprint(config: DataConfig) -> dict[str, str]:
     """{source/list: content fingerprint} of what the sources hold now (a workflow step's
-    input): url lists by file hash, local lists by the names, sizes and times of their files."""
+    input): url lists by file hash, local lists by the names, sizes and times of their files,
+    files on object storage by their size and modification time there."""
     from components.checkpoints import hash_file
+    from pipelines.storage import is_remote, remote_file_stamp
 
     fingerprint = {}
     for source in config.sources:
@@ -195,6 +197,8 @@ def lists_fingerprint(config: DataConfig) -> dict[str, str]:
             key = f"{item.source}/{item.name}"
             if item.kind == "url_list":
                 fingerprint[key] = hash_file(Path(item.path))
+            elif is_remote(item.path):
+                fingerprint[key] = remote_file_stamp(item.path)
             else:
                 fingerprint[key] = _stat_fingerprint(Path(item.path))
     return fingerprint

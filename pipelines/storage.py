@@ -22,6 +22,23 @@ def is_remote(uri: str) -> bool:
     return "://" in uri
 
 
+def remote_file_stamp(uri: str) -> str:
+    """ "<size>:<mtime ns>" of a file on object storage, "absent" when there is none, or
+    "unreachable: <error>" when it cannot be asked (its listing then counts it as unreadable):
+    a stamp that changes when the object is rewritten, without reading it."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(path)
+    except (OSError, pa.ArrowException) as error:
+        return f"unreachable: {type(error).__name__}"
+    if info.type != pafs.FileType.File:
+        return "absent"
+    return f"{info.size}:{info.mtime_ns}"
+
+
 def checkpoint_uri(checkpoint) -> str:
     """A ray.train.Checkpoint's location as a URI (Ray keeps a scheme-less path and its
     filesystem), or a local path."""

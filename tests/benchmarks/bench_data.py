@@ -19,11 +19,15 @@
     `filter_sample` with the same FilterConfig and BucketConfig (decode, checks, sha256, pHash,
     fit to the bucket) and packs the fitted image to the raw RGB bytes the chunk task writes,
     keeping them in memory. It does not start Ray, pay cold imports, write the fitted files
-    (Parquet + lz4) or the outcome file: all of that is in our time only. Both sides must reach
-    the same reason for every image, or the benchmark fails (every image has a caption, so
-    data.captioning, off in the tiny preset, changes no decision). In images per second.
+    (Parquet + lz4) or the outcome file: all of that is in our time only. A third variant runs
+    the same loop but writes the fitted images with the chunk tasks' FittedImageWriter instead
+    of keeping them (the same output files, minus the outcome file), printed beside it. Every
+    side must reach the same reason for every image, or the benchmark fails (every image has a
+    caption, so data.captioning, off in the tiny preset, changes no decision). In images per
+    second.
 
     python tests/benchmarks/bench_data.py [--images N] [--repeats R] [--folder-chunks K]
+                                          [--parts ABC]
 
 Every timed step is repeated and the best repeat is reported (the machine is shared); the two
 sides of a part alternate which goes first. Not a pytest module. Only the standard library is
@@ -34,6 +38,7 @@ in every worker.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -63,7 +68,8 @@ FOLDER_BUDGET_SHARE = 0.55
 DOWNLOAD_VARIANTS = ("img2dataset", "ours")
 FOLDER_OURS = "folder ours"
 FOLDER_SINGLE = "folder single loop"
-FOLDER_VARIANTS = (FOLDER_OURS, FOLDER_SINGLE)
+FOLDER_SINGLE_WRITING = "folder single loop, writing"
+FOLDER_VARIANTS = (FOLDER_OURS, FOLDER_SINGLE, FOLDER_SINGLE_WRITING)
 FOLDER_SOURCE = "photos"
 SINGLE_ONE_THREAD = "single, 1 torch thread"
 POOL_ONE_THREAD = "pool, 1 torch thread"
@@ -123,8 +129,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=540.0,
         help="wall-time budget: fewer repeats are run when the machine is too slow for it",
     )
+    parser.add_argument(
+        "--parts",
+        default="ABC",
+        help="which parts to run, e.g. C or AB (B encodes part A's output, so it needs A)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
+    if (
+        not args.parts
+        or set(args.parts) - set("ABC")
+        or ("B" in args.parts and "A" not in args.parts)
+    ):
+        parser.error("--parts is a non-empty subset of ABC, and B needs A")
     if args.images < 24 or args.repeats < 1 or args.encode_samples < 2:
         parser.error("need --images >= 24, --repeats >= 1, --encode-samples >= 2")
     if not 2 <= args.folder_chunks <= args.images:
@@ -156,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench = Bench(args, work=work, ray_temp=ray_temp)
         bench.prepare()
-        bench.run_download()
-        bench.run_folder()
-        bench.run_encode()
+        if "A" in args.parts:
+            bench.run_download()
+        if "C" in args.parts:
+            bench.run_folder()
+        if "B" in args.parts:
+            bench.run_encode()
         bench.report()
         print(
             f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before[0]:.2f} at start, "
@@ -378,10 +398,13 @@ class Bench:
     def run_folder(self) -> None:
         """Part C, alternating which side goes first so drifting load hits both alike."""
         for repeat in self._repeats("C", share=FOLDER_BUDGET_SHARE):
-            sides = [self._folder_ours_once, self._folder_single_once]
-            if repeat % 2:
-                sides.reverse()
-            for side in sides:
+            sides = [
+                self._folder_ours_once,
+                self._folder_single_once,
+                lambda repeat: self._folder_single_once(repeat, write=True),
+            ]
+            shift = repeat % len(sides)
+            for side in sides[shift:] + sides[:shift]:
                 side(repeat)
 
     def _folder_ours_once(self, repeat: int) -> None:
@@ -412,50 +435,64 @@ class Bench:
         )
         shutil.rmtree(root, ignore_errors=True)
 
-    def _folder_single_once(self, repeat: int) -> None:
-        """Part C's baseline: the module docstring says what it does and does not do."""
+    def _folder_single_once(self, repeat: int, *, write: bool = False) -> None:
+        """Part C's baseline: the module docstring says what it does and does not do. With
+        `write`, the loop also writes the fitted images as the chunk tasks do (one
+        FittedImageWriter over all images, in listing order), instead of keeping them."""
         from components.data.buckets import pack_fitted_image
         from components.data.filters import Rejection, filter_sample
         from components.data.folder_source import list_folder, read_image_bytes
         from components.data.local_sources import MAX_IMAGE_BYTES
-        from pipelines.data_layout import SCORE_COLUMNS
+        from pipelines.data_layout import SCORE_COLUMNS, DataLayout, FittedImageWriter
 
-        config = self.config(self.work / "folder-single", folder=True).data
+        name = FOLDER_SINGLE_WRITING if write else FOLDER_SINGLE
+        root = self.work / f"folder-single-{repeat}"
+        config = self.config(root, folder=True).data
         reader = config.source(FOLDER_SOURCE).reader_config()
         scores = dict.fromkeys(SCORE_COLUMNS)
         started = time.perf_counter()
         entries = list_folder(reader)
         list_seconds = time.perf_counter() - started
         reasons: dict[str, str] = {}
-        fitted: list[tuple[str, str, bytes]] = []
+        fitted_bytes = 0
         started, cpu_started = time.perf_counter(), time.process_time()
-        for entry in entries:
-            data, reason, _ = read_image_bytes(entry, max_bytes=MAX_IMAGE_BYTES)
-            if data is None:
-                reasons[entry.relpath] = reason or "unreadable"
-                continue
-            result = filter_sample(
-                data, entry.caption, scores=scores, config=config.filters, buckets=config.buckets
-            )
-            if isinstance(result, Rejection):
-                reasons[entry.relpath] = result.reason
-                continue
-            reasons[entry.relpath] = "kept"
-            pixels = pack_fitted_image(result.fitted, result.bucket)
-            fitted.append((entry.relpath, result.bucket.bucket_id, pixels))
+        kept: list[bytes] = []
+        with FittedImageWriter(DataLayout(root), 0) if write else contextlib.nullcontext() as out:
+            for entry in entries:
+                data, reason, _ = read_image_bytes(entry, max_bytes=MAX_IMAGE_BYTES)
+                if data is None:
+                    reasons[entry.relpath] = reason or "unreadable"
+                    continue
+                result = filter_sample(
+                    data,
+                    entry.caption,
+                    scores=scores,
+                    config=config.filters,
+                    buckets=config.buckets,
+                )
+                if isinstance(result, Rejection):
+                    reasons[entry.relpath] = result.reason
+                    continue
+                reasons[entry.relpath] = "kept"
+                fitted_bytes += result.bucket.width_px * result.bucket.height_px * 3
+                if out is None:
+                    kept.append(pack_fitted_image(result.fitted, result.bucket))
+                else:
+                    out.add(entry.relpath, result.bucket, result.fitted)
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
-        counts = self._check_folder_reasons("single loop", reasons)
-        self.timings.add(FOLDER_SINGLE, elapsed)
-        self.timings.notes[FOLDER_SINGLE] = (
+        counts = self._check_folder_reasons(name, reasons)
+        self.timings.add(name, elapsed)
+        self.timings.notes[name] = (
             f"listing {list_seconds:.2f} s (not counted), {cpu / elapsed:.2f} CPU s per s, "
-            f"{sum(len(item[2]) for item in fitted) / 2**20:.0f} MiB of fitted pixels kept"
+            f"{fitted_bytes / 2**20:.0f} MiB of fitted pixels {'written' if write else 'kept'}"
         )
         print(
-            f"[C{repeat}] single loop: {elapsed:.2f} s (listing {list_seconds:.2f} s apart), "
+            f"[C{repeat}] {name}: {elapsed:.2f} s (listing {list_seconds:.2f} s apart), "
             f"{dict(sorted(counts.items()))}",
             flush=True,
         )
+        shutil.rmtree(root, ignore_errors=True)
 
     def _check_folder_reasons(self, side: str, reasons: dict[str, str]) -> Counter:
         """Counts per reason; raises unless every image got the reason of part C's first run."""
@@ -609,29 +646,40 @@ class Bench:
             print(f"  {name}: {note}")
         for name in timings.cpu_seconds:
             print(f"  {name} (best run): {timings.best_detail(name)}")
-        self._print_cpu_use()
+        if timings.cpu_seconds:
+            self._print_cpu_use()
         rates = {
             name: (images if name in DOWNLOAD_VARIANTS + FOLDER_VARIANTS else self.encode_samples)
             / timings.best(name)
             for name in (*DOWNLOAD_VARIANTS, *FOLDER_VARIANTS, *timings.cpu_seconds)
+            if name in timings.seconds
         }
         self._print_summary(rates)
 
     def _print_summary(self, rates: dict[str, float]) -> None:
         """The block the issue asks for, then the context needed to read it."""
-        ours, baseline = rates["ours"], rates["img2dataset"]
-        pool, single = rates["pool"], rates["single"]
         print()
-        print(
-            f"download+filter+bucket: ours {ours:.1f} img/s, img2dataset {baseline:.1f} img/s, "
-            f"ratio {ours / baseline:.2f} (target >= {DOWNLOAD_TARGET})"
-        )
-        folder_ours, folder_single = rates[FOLDER_OURS], rates[FOLDER_SINGLE]
-        print(
-            f"folder read+filter+bucket: ours {folder_ours:.1f} img/s, single loop "
-            f"{folder_single:.1f} img/s, ratio {folder_ours / folder_single:.2f} "
-            f"(target >= {FOLDER_TARGET})"
-        )
+        if "ours" in rates:
+            ours, baseline = rates["ours"], rates["img2dataset"]
+            print(
+                f"download+filter+bucket: ours {ours:.1f} img/s, img2dataset {baseline:.1f} "
+                f"img/s, ratio {ours / baseline:.2f} (target >= {DOWNLOAD_TARGET})"
+            )
+        if FOLDER_OURS in rates:
+            folder_ours, folder_single = rates[FOLDER_OURS], rates[FOLDER_SINGLE]
+            writing = rates[FOLDER_SINGLE_WRITING]
+            print(
+                f"folder read+filter+bucket: ours {folder_ours:.1f} img/s, single loop "
+                f"{folder_single:.1f} img/s, ratio {folder_ours / folder_single:.2f} "
+                f"(target >= {FOLDER_TARGET}); against the loop that also writes the fitted "
+                f"files ({writing:.1f} img/s): ratio {folder_ours / writing:.2f}"
+            )
+        if "pool" in rates:
+            self._print_encode_summary(rates)
+        self._print_startup_context()
+
+    def _print_encode_summary(self, rates: dict[str, float]) -> None:
+        pool, single = rates["pool"], rates["single"]
         print(
             f"encode: pool {pool:.1f} samples/s, single {single:.1f} samples/s, "
             f"ratio {pool / single:.2f} (target >= {ENCODE_TARGET})"
@@ -645,7 +693,6 @@ class Bench:
         if POOL_ONE_THREAD in rates:
             pool_one = rates[POOL_ONE_THREAD]
             print(f"encode, {POOL_ONE_THREAD}: {pool_one:.1f} samples/s, x{pool_one / single:.2f}")
-        self._print_startup_context()
 
     def _print_startup_context(self) -> None:
         """Each chunk stage's rate with its best ray.init added, and part C's outcome counts."""
@@ -654,16 +701,19 @@ class Bench:
             ("download", "ours", "ray.init", "img2dataset"),
             ("folder", FOLDER_OURS, "folder ray.init", FOLDER_SINGLE),
         ):
+            if ours not in timings.seconds:
+                continue
             with_init = images / (timings.best(ours) + timings.best(init))
             print(
                 f"{part}, ours counting ray.init ({timings.best(init):.2f} s): "
                 f"{with_init:.1f} img/s, ratio {with_init * timings.best(baseline) / images:.2f}"
             )
-        counts = Counter((self.folder_reasons or {}).values())
-        print(
-            "folder outcomes, the same per image on both sides in every repeat: "
-            + ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
-        )
+        if self.folder_reasons is not None:
+            counts = Counter(self.folder_reasons.values())
+            print(
+                "folder outcomes, the same per image on every side in every repeat: "
+                + ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
+            )
 
     def _print_cpu_use(self) -> None:
         """Cores each encode variant got in its best run, and samples per CPU second.

@@ -80,6 +80,24 @@ def test_uncaptioned_rows_get_a_caption_recorded_as_generated(captioned, tiny_mo
     assert manifest["encoders"]["captioner"]["model"] == str(tiny_models_dir.qwen2vl)
 
 
+def test_contact_sheets_mark_generated_captions(captioned):
+    from pipelines.data_inspect import inspect_dataset
+
+    config, summary = captioned
+    report = inspect_dataset(Path(config.run.root), samples_per_bucket=64)
+    captions = [caption for sheet in report.sheets for caption in sheet.captions]
+    generated = [
+        row["caption"]
+        for row in _shard_rows(config).values()
+        if row["caption_origin"] == "generated"
+    ]
+    marked = [caption for caption in captions if caption.startswith("[generated] ")]
+    # Every sample is on a sheet (64 per bucket is more than the tiny set has), so every
+    # generated caption is marked and no given one is.
+    assert len(captions) == summary.encoded
+    assert sorted(marked) == sorted(f"[generated] {caption}" for caption in generated)
+
+
 def test_captions_over_the_token_cap_are_cut_and_counted(captioned, tiny_models_dir):
     config, summary = captioned
     tokenizer = AutoTokenizer.from_pretrained(tiny_models_dir.qwen2vl)

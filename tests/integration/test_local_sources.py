@@ -3,17 +3,14 @@ tars in img2dataset's layout (one truncated, members that are not images) and Pa
 Hugging Face's image struct (a row without bytes, a corrupt file), in one data run beside a url
 list; kept rows are encoded with their source, every bad row is counted by reason per source."""
 
-import io
-import json
 import os
-import tarfile
 from collections import Counter
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import sources_override
+from source_fixtures import write_parquet_images, write_webdataset_shards
 
 from components.data import shard_format
 from components.data.demo_corpus import write_folder_corpus, write_synthetic_corpus
@@ -65,78 +62,13 @@ def _hostile_folder(root: Path, outside: Path) -> dict[str, str]:
     return expected
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _webdataset(folder: Path, images: Path) -> dict[str, str]:
-    """Two shards in img2dataset's layout (NNNNN.tar + .parquet + _stats.json beside it); the
-    second is cut short. {locator: expected reason} of the complete samples."""
-    items = write_synthetic_corpus(images, count=12, seed=5, max_side_px=160)
-    folder.mkdir()
-    expected = {}
-    for shard, part in enumerate((items[:6], items[6:])):
-        path = folder / f"{shard:05d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for number, item in enumerate(part):
-                key = f"{shard:05d}{number:04d}"
-                suffix = Path(item.relpath).suffix.lstrip(".")
-                _tar_add(tar, f"{key}.{suffix}", (images / item.relpath).read_bytes())
-                _tar_add(tar, f"{key}.txt", item.caption.encode())
-                meta = {"key": key, "caption": item.caption, "status": "success"}
-                _tar_add(tar, f"{key}.json", json.dumps(meta).encode())
-                expected[f"{path.name}::{key}"] = item.expected_reason
-            _tar_add(tar, f"{shard:05d}9999.txt", b"a caption without its image")
-            expected[f"{path.name}::{shard:05d}9999"] = "no_image"
-        pq.write_table(pa.table({"key": [f"{shard:05d}"]}), folder / f"{shard:05d}.parquet")
-        (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"successes": len(part)}))
-    # Cut the second shard inside its fourth sample: what came before is read, the rest is one
-    # truncated_tar row.
-    cut = folder / "00001.tar"
-    with tarfile.open(cut) as tar:
-        offset = [member for member in tar.getmembers()][9].offset_data
-    cut.write_bytes(cut.read_bytes()[: offset + 10])
-    for number in range(3, 6):
-        del expected[f"00001.tar::00001{number:04d}"]
-    del expected["00001.tar::000019999"]
-    return expected
-
-
-def _parquet_images(folder: Path, images: Path) -> dict[str, str]:
-    """A file in Hugging Face's image struct with a row whose bytes are missing, and a corrupt
-    file. {locator: expected reason}."""
-    items = write_synthetic_corpus(images, count=8, seed=9, max_side_px=160)
-    folder.mkdir()
-    structs = [
-        {"bytes": (images / item.relpath).read_bytes(), "path": item.relpath} for item in items
-    ]
-    structs[2] = {"bytes": None, "path": "stored/elsewhere.jpg"}
-    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    table = pa.table(
-        {
-            "image": pa.array(structs, type=image_type),
-            "text": [item.caption for item in items],
-        }
-    )
-    pq.write_table(table, folder / "train-00000.parquet", row_group_size=3)
-    (folder / "train-00001.parquet").write_bytes(b"PAR1 this is not parquet")
-    expected = {
-        f"train-00000.parquet::{row}": item.expected_reason for row, item in enumerate(items)
-    }
-    expected["train-00000.parquet::2"] = "no_image_bytes"
-    expected["train-00001.parquet::file"] = "unreadable_file"
-    return expected
-
-
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, tiny_models_dir, ray_local, make_tiny_config):
     base = tmp_path_factory.mktemp("local_sources")
     expected = {
         "photos": _hostile_folder(base / "photos", base / "outside"),
-        "shards": _webdataset(base / "shards", base / "wds_images"),
-        "hf": _parquet_images(base / "hf", base / "hf_images"),
+        "shards": write_webdataset_shards(base / "shards", base / "wds_images"),
+        "hf": write_parquet_images(base / "hf", base / "hf_images"),
     }
     sources = sources_override(
         {
