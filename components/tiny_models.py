@@ -6,7 +6,8 @@ Input: an output folder and a seed. Output (deterministic from the seed, byte-id
                    lm_head.weight), tokenizer.json/tokenizer_config.json with the Qwen2-VL special
                    tokens and chat template, chat_template.json, preprocessor_config.json.
   <out>/flux/      diffusers layout of black-forest-labs/FLUX.1-dev: model_index.json,
-                   transformer/ (sharded), vae/, text_encoder/ + tokenizer/ (CLIP), scheduler/.
+                   transformer/ (sharded), vae/, text_encoder/ + tokenizer/ (CLIP),
+                   text_encoder_2/ (T5 encoder, sharded) + tokenizer_2/ (T5), scheduler/.
   <out>/controlnet/ diffusers FluxControlNetModel layout (config.json +
                    diffusion_pytorch_model.safetensors): a union ControlNet at the tiny FLUX dims.
   <out>/depth-anything/ transformers layout of depth-anything/Depth-Anything-V2-*-hf
@@ -42,6 +43,8 @@ from transformers import (
     DepthAnythingForDepthEstimation,
     Qwen2Tokenizer,
     Qwen2VLForConditionalGeneration,
+    T5EncoderModel,
+    T5Tokenizer,
 )
 from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -50,11 +53,12 @@ from components.data.demo_corpus import COLOURS, POSITIONS, SHAPES, write_folder
 from model import presets
 
 MARKER_NAME = "tiny_models.json"
-BUILD_FORMAT = 6
-"""6: the photos folder."""
+BUILD_FORMAT = 7
+"""6: the photos folder. 7: FLUX's T5 text encoder (text_encoder_2/, tokenizer_2/)."""
 PHOTOS_COUNT = 24
 QWEN2VL_SHARD_SIZE = "40KB"
 FLUX_SHARD_SIZE = "2MB"
+T5_SHARD_SIZE = "40KB"
 
 # Written for this project; mirrors what the released Qwen2-VL template renders: a default system
 # turn, images as <|vision_start|><|image_pad|><|vision_end|>, and the assistant generation prompt.
@@ -154,6 +158,7 @@ def _marker_content(seed: int) -> dict:
             presets.tiny_flux_transformer_kwargs(),
             presets.tiny_vae_kwargs(),
             presets.tiny_clip_text_config().to_dict(),
+            presets.tiny_t5_config(len(_t5_vocab())).to_dict(),
             presets.tiny_controlnet_kwargs(),
             presets.tiny_depth_config().to_dict(),
             presets.depth_processor_kwargs(presets.TINY_DEPTH_PROCESSOR_SIDE),
@@ -222,6 +227,12 @@ def _write_flux(out: Path, *, seed: int) -> None:
     torch.manual_seed(seed + 3)
     CLIPTextModel(presets.tiny_clip_text_config()).save_pretrained(out / "text_encoder")
     _build_clip_tokenizer().save_pretrained(out / "tokenizer")
+    torch.manual_seed(seed + 6)
+    vocab = _t5_vocab()
+    T5EncoderModel(presets.tiny_t5_config(len(vocab))).save_pretrained(
+        out / "text_encoder_2", max_shard_size=T5_SHARD_SIZE
+    )
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(out / "tokenizer_2")
     FlowMatchEulerDiscreteScheduler(**presets.flux_scheduler_kwargs()).save_pretrained(
         out / "scheduler"
     )
@@ -294,6 +305,19 @@ def _build_clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+def _t5_vocab() -> list[tuple[str, float]]:
+    """A Unigram vocabulary in T5's layout (<pad> 0, </s> 1, <unk> 2, then "▁"-prefixed
+    words and single characters): every word of the tokenizer corpus, scored by how often it
+    occurs (ties by text, so every build is the same), then each character as a fallback."""
+    words = Counter(word for line in _tokenizer_corpus() for word in line.lower().split())
+    ranked = sorted(words, key=lambda word: (-words[word], word))
+    vocab = [(token, 0.0) for token in presets.T5_SPECIAL_TOKENS]
+    vocab += [(f"▁{word}", -1.0 - rank / len(ranked)) for rank, word in enumerate(ranked)]
+    characters = sorted({char for line in _tokenizer_corpus() for char in line.lower()} - {" "})
+    vocab += [("▁", -5.0)] + [(char, -10.0) for char in characters]
+    return vocab
+
+
 def _learn_merges(
     words: Counter[tuple[str, ...]], vocab: dict[str, int], *, size: int
 ) -> list[tuple[str, str]]:
@@ -334,9 +358,9 @@ def _flux_model_index() -> dict:
         "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": [None, None],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": [None, None],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
         "transformer": ["diffusers", "FluxTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }

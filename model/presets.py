@@ -6,7 +6,13 @@ scheduler). The tiny models mirror the real layouts (16 latent channels, /8 VAE,
 patches, 3-D mrope) with dims small enough for CPU tests (< 1M params excluding vocab embeddings).
 """
 
-from transformers import CLIPTextConfig, DepthAnythingConfig, Dinov2Config, Qwen2VLConfig
+from transformers import (
+    CLIPTextConfig,
+    DepthAnythingConfig,
+    Dinov2Config,
+    Qwen2VLConfig,
+    T5Config,
+)
 
 QWEN2VL_REAL_ID = "Qwen/Qwen2-VL-7B-Instruct"
 QWEN2VL_REAL_HIDDEN_SIZE = 3584
@@ -51,6 +57,14 @@ TINY_QWEN2VL_NUM_LAYERS = 2
 TINY_CLIP_VOCAB_SIZE = 768
 TINY_FLUX_JOINT_ATTENTION_DIM = 32
 TINY_FLUX_POOLED_PROJECTION_DIM = 32
+
+# The released model's T5 text branch (FLUX.1-dev's text_encoder_2: T5 v1.1 XXL encoder).
+T5_REAL_D_MODEL = 4096
+"""T5-XXL's width: equal to FLUX's joint_attention_dim; t5_embedder maps it to the inner 3072."""
+T5_MAX_TOKENS = 256
+"""Prompt tokens the released code gives T5 (padded to this length)."""
+T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+"""T5's special tokens with the ids the real vocabulary gives them (0, 1, 2)."""
 
 
 def tiny_qwen2vl_token_id(token: str) -> int:
@@ -169,6 +183,26 @@ def tiny_clip_text_config() -> CLIPTextConfig:
         bos_token_id=CLIP_SPECIAL_TOKENS.index("<|startoftext|>"),
         eos_token_id=CLIP_SPECIAL_TOKENS.index("<|endoftext|>"),
         pad_token_id=CLIP_SPECIAL_TOKENS.index("<|endoftext|>"),
+    )
+
+
+def tiny_t5_config(vocab_size: int) -> T5Config:
+    """Tiny T5 v1.1-style encoder (gated-GELU, no tied embeddings) whose width is the tiny FLUX
+    joint_attention_dim, as T5-XXL's 4096 is FLUX.1-dev's."""
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=TINY_FLUX_JOINT_ATTENTION_DIM,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        is_encoder_decoder=False,
+        pad_token_id=T5_SPECIAL_TOKENS.index("<pad>"),
+        eos_token_id=T5_SPECIAL_TOKENS.index("</s>"),
     )
 
 

@@ -27,7 +27,7 @@
     second.
 
     python tests/benchmarks/bench_data.py [--images N] [--repeats R] [--folder-chunks K]
-                                          [--parts ABC]
+                                          [--parts ABC] [--max-side PX] [--bucket-side PX]
 
 Every timed step is repeated and the best repeat is reported (the machine is shared); the two
 sides of a part alternate which goes first. Not a pytest module. Only the standard library is
@@ -106,6 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=400, help="synthetic corpus size")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per variant (best wins)")
     parser.add_argument("--max-side", type=int, default=512, help="longest side of the images")
+    parser.add_argument(
+        "--bucket-side",
+        type=int,
+        default=None,
+        help="data.buckets.max_side_px (default: --max-side); smaller than --max-side makes "
+        "every kept image a downscale, as camera photos are for a 512-px training run",
+    )
     parser.add_argument("--threads", type=int, default=16, help="download threads per process")
     parser.add_argument("--encode-samples", type=int, default=192, help="samples encoded in (B)")
     parser.add_argument(
@@ -230,7 +237,8 @@ class Bench:
         corpus_bytes = sum(path.stat().st_size for path in self.corpus.iterdir())
         print(
             f"corpus: {len(self.items)} images, {corpus_bytes / 2**20:.1f} MiB, "
-            f"max side {self.args.max_side}; tiny models built "
+            f"max side {self.args.max_side}, buckets up to "
+            f"{self.args.bucket_side or self.args.max_side} px; tiny models built "
             f"({time.perf_counter() - started:.1f} s)",
             flush=True,
         )
@@ -253,7 +261,7 @@ class Bench:
             [
                 f"run.root={root}",
                 f"data.sources=[{source}]",
-                f"data.buckets.max_side_px={self.args.max_side}",
+                f"data.buckets.max_side_px={self.args.bucket_side or self.args.max_side}",
                 "data.filters.min_side_px=64",
                 f"data.download.thread_count={self.args.threads}",
                 f"data.resources.chunk_size={chunk_size}",
