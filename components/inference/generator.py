@@ -69,6 +69,8 @@ from model.rectified_flow import (
     sample,
 )
 
+TEXT_BRANCHES = ("qwen2vl", "t5")
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GeneratorSettings:
@@ -82,6 +84,21 @@ class GeneratorSettings:
     vae_shift_factor: float
     guidance: float = 3.5
     """Default FLUX-dev guidance-embedding value (what training fed)."""
+    text_branch: str = "qwen2vl"
+    """How a text prompt conditions: "qwen2vl" (the prompt's Qwen2-VL states through the
+    connector, as this project trains) or "t5" (the released model's branch: FLUX's T5 states of
+    the prompt through the package's t5_embedder, after the image tokens)."""
+    prompt_image_tokens: int = 0
+    """Image-token budget of a reference image next to a text prompt (0: image_tokens); the
+    released model uses 256 there and 512 without a prompt."""
+
+    def __post_init__(self) -> None:
+        if self.text_branch not in TEXT_BRANCHES:
+            raise ValueError(
+                f"text_branch must be one of {TEXT_BRANCHES}, got {self.text_branch!r}"
+            )
+        if self.prompt_image_tokens < 0 or self.image_tokens < 1:
+            raise ValueError("image_tokens must be >= 1 and prompt_image_tokens >= 0")
 
     @property
     def codec(self) -> LatentCodec:
@@ -110,6 +127,9 @@ class GeneratorParts:
     """Registered model name (results carry it); empty outside the registry."""
     version: str = ""
     """Registered model version."""
+    t5_embedder: nn.Module | None = None
+    """The T5 branch's Linear (T5 width -> FLUX inner width); set iff settings.text_branch is
+    "t5"."""
     controlnet: nn.Module | None = None
     """Frozen FLUX ControlNet (FluxControlNetModel); None = control requests are refused."""
     depth_detector: DepthDetector | None = None

@@ -6,9 +6,13 @@ FLUX bases it was trained from. Output: one folder, written atomically:
   transformer/              the whole trained FluxTransformer2DModel (diffusers save_pretrained)
   encoder_tail.safetensors  Qwen2-VL's trained last layer + final norm (`layer.*`, `norm.*`)
   connector.safetensors     the trained Connector (`weight`, `bias`)
-  package.json              format, GeneratorSettings, connector dims, dtype, lineage, and for each
-                            frozen base (NOT copied): id, revision id, sha256 of every file read
-load_package resolves the bases, verifies those hashes and returns GeneratorParts.
+  t5_embedder.safetensors   only with settings.text_branch "t5": the Linear from T5's width to
+                            FLUX's inner width (`weight`, `bias`) of the released model's T5 branch
+  package.json              format, GeneratorSettings, connector (and T5 embedder) dims, dtype,
+                            lineage, and for each frozen base (NOT copied): id, revision id,
+                            sha256 of every file read
+load_package resolves the bases, verifies those hashes and returns GeneratorParts. Format 2 added
+the T5 branch (a format-1 package reads as text_branch "qwen2vl").
 """
 
 from __future__ import annotations
@@ -37,11 +41,13 @@ from components.training.encoder_tail import load_qwen2vl_tail
 from model.conditioning import Connector
 from model.qwen2vl_tail import Qwen2VLTail
 
-PACKAGE_FORMAT = 1
+PACKAGE_FORMAT = 2
+READ_FORMATS = (1, 2)
 PACKAGE_FILE = "package.json"
 TRANSFORMER_DIR = "transformer"
 TAIL_FILE = "encoder_tail.safetensors"
 CONNECTOR_FILE = "connector.safetensors"
+T5_EMBEDDER_FILE = "t5_embedder.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QWEN2VL_AUX_FILES = (
     "config.json",
@@ -60,7 +66,8 @@ QWEN2VL_AUX_FILES = (
 (hashed when present)."""
 FLUX_FOLDERS = ("vae", "text_encoder", "tokenizer")
 """FLUX folders the generator reads (every file hashed). transformer/ is shipped in the package;
-text_encoder_2/ and tokenizer_2/ (T5) are never used."""
+text_encoder_2/ and tokenizer_2/ (T5) are read only by the T5 branch (T5_FOLDERS)."""
+T5_FOLDERS = ("text_encoder_2", "tokenizer_2")
 _FLUX_REQUIRED = (
     "transformer/diffusion_pytorch_model",
     "vae/diffusion_pytorch_model",
@@ -105,12 +112,12 @@ def export_package(
     weights_file = Path(checkpoint_dir) / WEIGHTS_FILE
     if not weights_file.is_file():
         raise CheckpointNotFoundError(f"training checkpoint {checkpoint_dir} lacks {weights_file}")
-    qwen_base = _resolve_base("qwen2vl", qwen2vl, qwen2vl_revision)
-    flux_base = _resolve_base("flux", flux, flux_revision)
+    qwen_base = resolve_base("qwen2vl", qwen2vl, qwen2vl_revision)
+    flux_base = resolve_base("flux", flux, flux_revision)
     hashes = FileHashCache(out_dir.parent)
     bases = {
-        "qwen2vl": _base_record(qwen2vl, qwen2vl_revision, qwen_base, _qwen2vl_files, hashes),
-        "flux": _base_record(flux, flux_revision, flux_base, _flux_files, hashes),
+        "qwen2vl": base_record(qwen2vl, qwen2vl_revision, qwen_base, qwen2vl_files, hashes),
+        "flux": base_record(flux, flux_revision, flux_base, flux_files, hashes),
     }
     hashes.save()
     from diffusers import FluxTransformer2DModel
@@ -166,8 +173,8 @@ def load_package(
     except (KeyError, TypeError, ValueError) as error:
         raise PackageError(f"package {package_dir}: {PACKAGE_FILE} is invalid: {error!r}") from None
     hashes = FileHashCache(Path(hash_cache_dir) if hash_cache_dir else package_dir.parent)
-    qwen_path = _verified_base(package_dir, "qwen2vl", qwen_record, hashes)
-    flux_path = _verified_base(package_dir, "flux", flux_record, hashes)
+    qwen_path = verified_base(package_dir, "qwen2vl", qwen_record, hashes)
+    flux_path = verified_base(package_dir, "flux", flux_record, hashes)
     hashes.save()
     for relative in (f"{TRANSFORMER_DIR}/config.json", TAIL_FILE, CONNECTOR_FILE):
         if not (package_dir / relative).is_file():
@@ -179,20 +186,25 @@ def load_package(
     )
     tail = _load_tail(qwen_path, package_dir / TAIL_FILE)
     connector = _load_connector(package_dir / CONNECTOR_FILE, dims)
+    t5_embedder = None
+    if settings.text_branch == "t5":
+        t5_embedder = _load_linear(package_dir / T5_EMBEDDER_FILE, manifest.get("t5_embedder"))
     expected = (tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
     if (connector.in_features, connector.out_features) != expected:
         raise PackageError(
             f"package {package_dir}: connector {connector.in_features} -> "
             f"{connector.out_features} does not fit the bases ({expected[0]} -> {expected[1]})"
         )
-    for module in (transformer, tail, connector):
-        module.eval().requires_grad_(False)
+    for module in (transformer, tail, connector, t5_embedder):
+        if module is not None:
+            module.eval().requires_grad_(False)
     return GeneratorParts(
         qwen2vl_path=qwen_path,
         flux_path=flux_path,
         transformer=transformer,
         tail=tail,
         connector=connector,
+        t5_embedder=t5_embedder,
         settings=settings,
         name=name,
         version=version,
@@ -208,16 +220,16 @@ def read_manifest(package_dir: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PackageError(f"package {package_dir}: corrupt {PACKAGE_FILE}: {error}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != PACKAGE_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in READ_FORMATS:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise PackageError(
             f"package {package_dir}: {PACKAGE_FILE} has format {found!r}; this code reads "
-            f"format {PACKAGE_FORMAT}"
+            f"formats {', '.join(map(str, READ_FORMATS))}"
         )
     return manifest
 
 
-def _resolve_base(kind: str, name: str, revision: str | None) -> ResolvedCheckpoint:
+def resolve_base(kind: str, name: str, revision: str | None) -> ResolvedCheckpoint:
     if kind == "qwen2vl":
         return resolve_checkpoint(
             name, revision=revision, root_file="config.json", required=("model",)
@@ -227,7 +239,7 @@ def _resolve_base(kind: str, name: str, revision: str | None) -> ResolvedCheckpo
     )
 
 
-def _qwen2vl_files(root: Path) -> list[str]:
+def qwen2vl_files(root: Path) -> list[str]:
     """config + weights (index and every shard it lists, or the single file) + tokenizer,
     processor and chat-template files that exist."""
     index = root / "model.safetensors.index.json"
@@ -240,9 +252,11 @@ def _qwen2vl_files(root: Path) -> list[str]:
     return sorted(set(aux + weights))
 
 
-def _flux_files(root: Path) -> list[str]:
+def flux_files(root: Path, *, text_branch: str = "qwen2vl") -> list[str]:
+    """model_index.json and every file of the FLUX folders the generator reads."""
     files = ["model_index.json"]
-    for folder in FLUX_FOLDERS:
+    folders = FLUX_FOLDERS + (T5_FOLDERS if text_branch == "t5" else ())
+    for folder in folders:
         files += [
             path.relative_to(root).as_posix()
             for path in sorted((root / folder).rglob("*"))
@@ -251,7 +265,7 @@ def _flux_files(root: Path) -> list[str]:
     return files
 
 
-def _base_record(name, revision, resolved: ResolvedCheckpoint, list_files, hashes) -> dict:
+def base_record(name, revision, resolved: ResolvedCheckpoint, list_files, hashes) -> dict:
     return {
         "id": name,
         "revision": revision,
@@ -260,13 +274,13 @@ def _base_record(name, revision, resolved: ResolvedCheckpoint, list_files, hashe
     }
 
 
-def _verified_base(package_dir: Path, kind: str, record: dict, hashes: FileHashCache) -> Path:
+def verified_base(package_dir: Path, kind: str, record: dict, hashes: FileHashCache) -> Path:
     """Resolve a recorded base at its exact revision and check every recorded file's sha256."""
     revision_id = record["revision_id"]
     # A hub base is pinned to the commit it was exported from; a local one has no revision.
     revision = None if revision_id.startswith("local:") else revision_id
     try:
-        resolved = _resolve_base(kind, record["id"], revision)
+        resolved = resolve_base(kind, record["id"], revision)
     except (CheckpointNotFoundError, ValueError) as error:
         raise CheckpointNotFoundError(
             f"package {package_dir}: frozen base {kind} {record['id']!r} (revision "
@@ -334,7 +348,7 @@ def _checkpoint_summary(checkpoint_dir: Path) -> dict:
     return summary
 
 
-def _tail_state(tail: nn.Module) -> dict[str, torch.Tensor]:
+def tail_state(tail: nn.Module) -> dict[str, torch.Tensor]:
     return {
         key: value.detach().contiguous()
         for key, value in tail.state_dict().items()
@@ -347,7 +361,7 @@ def _write_atomically(out_dir: Path, modules: dict[str, nn.Module], manifest: di
     staging.mkdir(parents=True)
     try:
         modules["transformer"].save_pretrained(staging / TRANSFORMER_DIR, safe_serialization=True)
-        save_file(_tail_state(modules["tail"]), str(staging / TAIL_FILE), {"format": "pt"})
+        save_file(tail_state(modules["tail"]), str(staging / TAIL_FILE), {"format": "pt"})
         connector = {
             k: v.detach().contiguous() for k, v in modules["connector"].state_dict().items()
         }
@@ -380,6 +394,19 @@ def _load_tail(qwen_path: Path, tail_file: Path) -> Qwen2VLTail:
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def _load_linear(path: Path, dims: dict | None) -> nn.Linear:
+    """A Linear(in_features, out_features) holding `weight` and `bias` of a safetensors file."""
+    if not path.is_file() or not isinstance(dims, dict):
+        raise PackageError(f"{path.parent}: text_branch 't5' needs {path.name} and its dims")
+    with torch.device("meta"):
+        linear = nn.Linear(int(dims["in_features"]), int(dims["out_features"]))
+    try:
+        linear.load_state_dict(load_file(str(path)), strict=True, assign=True)
+    except RuntimeError as error:
+        raise PackageError(f"{path} does not fit {PACKAGE_FILE}: {error}") from None
+    return linear
 
 
 def _load_connector(connector_file: Path, dims: dict) -> Connector:
