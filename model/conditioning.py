@@ -176,16 +176,22 @@ def flux_conditioning(
     *,
     pooled_BP: torch.Tensor,
     guidance: float | None,
+    embedded_BUE: torch.Tensor | None = None,
 ) -> FluxConditioning:
     """The one conditioning builder: padded chosen tokens (encoder width) through the connector,
     with their mask, the CLIP pooled vectors and the guidance value (None: a FLUX without
-    guidance embeds)."""
+    guidance embeds); `embedded_BUE`, tokens already in FLUX's inner width (the T5 branch),
+    follow them (see FluxConditioning)."""
     hidden_BTD = connector(hidden_BLD)
     guidance_B = None
     if guidance is not None:
         guidance_B = torch.full((hidden_BTD.shape[0],), float(guidance), device=hidden_BTD.device)
     return FluxConditioning(
-        hidden_BTD=hidden_BTD, mask_BT=mask_BL, pooled_BP=pooled_BP, guidance_B=guidance_B
+        hidden_BTD=hidden_BTD,
+        mask_BT=mask_BL,
+        pooled_BP=pooled_BP,
+        guidance_B=guidance_B,
+        embedded_BUE=embedded_BUE,
     )
 
 
@@ -211,4 +217,6 @@ def unconditional_conditioning(
     batch_size = conditioning.hidden_BTD.shape[0]
     hidden_BTD, mask_BT = unconditional_states(connector, batch_size, like=conditioning.hidden_BTD)
     pooled_BP = empty_pooled_P[None, :].expand(batch_size, -1).to(conditioning.pooled_BP)
-    return replace(conditioning, hidden_BTD=hidden_BTD, mask_BT=mask_BT, pooled_BP=pooled_BP)
+    return replace(
+        conditioning, hidden_BTD=hidden_BTD, mask_BT=mask_BT, pooled_BP=pooled_BP, embedded_BUE=None
+    )

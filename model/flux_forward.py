@@ -33,6 +33,8 @@ Legend: B batch, L packed image tokens, C packed channels (64), T text tokens, S
 (T + L), D FLUX joint_attention_dim, P pooled projection width.
 """
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +48,17 @@ class FluxConditioning:
     """What FLUX is conditioned on besides the noise level.
 
     hidden_BTD: connector output; mask_BT: bool, True at real text tokens; pooled_BP: CLIP-L
-    pooled vector; guidance_B: guidance scale per sample (None only without guidance embeds).
+    pooled vector; guidance_B: guidance scale per sample (None only without guidance embeds);
+    embedded_BUE: text tokens already in FLUX's inner width (the released model's T5 branch:
+    t5_embedder(T5 states)), which skip context_embedder and follow context_embedder(hidden_BTD)
+    in the joint sequence, all attended (None: no such tokens).
     """
 
     hidden_BTD: torch.Tensor
     mask_BT: torch.Tensor
     pooled_BP: torch.Tensor
     guidance_B: torch.Tensor | None
+    embedded_BUE: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +112,13 @@ def control_residuals(
             mode_B1 = torch.full(
                 (packed_latents_BLC.shape[0], 1), control.mode, device=packed_latents_BLC.device
             )
-        double_blocks, single_blocks = controlnet(
-            **inputs,
-            controlnet_cond=control.image_BLC.to(packed_latents_BLC),
-            controlnet_mode=mode_B1,
-            conditioning_scale=float(control.strength),
-        )
+        with embedded_text_tokens(controlnet, conditioning.embedded_BUE):
+            double_blocks, single_blocks = controlnet(
+                **inputs,
+                controlnet_cond=control.image_BLC.to(packed_latents_BLC),
+                controlnet_mode=mode_B1,
+                conditioning_scale=float(control.strength),
+            )
         current = ControlResiduals(list(double_blocks or []), list(single_blocks or []))
         summed = current if summed is None else _add_residuals(summed, current)
     return summed
@@ -168,12 +175,45 @@ def predict_velocity(
         conditioning=conditioning,
         text_mask_BT=conditioning.mask_BT,
     )
-    output = transformer(
-        **inputs,
-        controlnet_block_samples=(control.double_blocks or None) if control else None,
-        controlnet_single_block_samples=(control.single_blocks or None) if control else None,
-    )
+    with embedded_text_tokens(transformer, conditioning.embedded_BUE):
+        output = transformer(
+            **inputs,
+            controlnet_block_samples=(control.double_blocks or None) if control else None,
+            controlnet_single_block_samples=(control.single_blocks or None) if control else None,
+        )
     return output[0]
+
+
+class _AppendEmbedded(torch.nn.Module):
+    """context_embedder(x) followed by tokens that are already embedded."""
+
+    def __init__(self, context_embedder: torch.nn.Module, embedded_BUE: torch.Tensor) -> None:
+        super().__init__()
+        self.context_embedder = context_embedder
+        self.embedded_BUE = embedded_BUE
+
+    def forward(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
+        embedded = self.context_embedder(hidden_BTD)
+        return torch.cat([embedded, self.embedded_BUE.to(embedded)], dim=1)
+
+
+@contextlib.contextmanager
+def embedded_text_tokens(
+    network: torch.nn.Module, embedded_BUE: torch.Tensor | None
+) -> Iterator[None]:
+    """While open, `network`'s context_embedder (FLUX's or a ControlNet's) appends
+    `embedded_BUE` to what it embeds: the T5 branch's tokens join the joint sequence without
+    passing through it. Nothing changes when embedded_BUE is None."""
+    if embedded_BUE is None:
+        yield
+        return
+    inner = getattr(network, "module", network)
+    original = inner.context_embedder
+    inner.context_embedder = _AppendEmbedded(original, embedded_BUE)
+    try:
+        yield
+    finally:
+        inner.context_embedder = original
 
 
 def flux_inputs(
@@ -187,6 +227,13 @@ def flux_inputs(
     """The keyword arguments FluxTransformer2DModel and FluxControlNetModel share: sample,
     conditioning, timestep = sigma, ids and the joint-attention key mask built from
     `text_mask_BT` (a union ControlNet passes its mask with the mode token in front)."""
+    num_text = conditioning.hidden_BTD.shape[1]
+    if conditioning.embedded_BUE is not None:
+        embedded = conditioning.embedded_BUE.shape[1]
+        text_mask_BT = torch.cat(
+            [text_mask_BT.bool(), text_mask_BT.new_ones(len(text_mask_BT), embedded).bool()], dim=1
+        )
+        num_text += embedded
     key_mask_B11S = joint_attention_mask(text_mask_BT, num_image_tokens=packed_latents_BLC.shape[1])
     return {
         "hidden_states": packed_latents_BLC,
@@ -194,7 +241,7 @@ def flux_inputs(
         "pooled_projections": conditioning.pooled_BP,
         "timestep": sigmas_B,
         "img_ids": image_ids_L3,
-        "txt_ids": text_ids(conditioning.hidden_BTD.shape[1]).to(image_ids_L3),
+        "txt_ids": text_ids(num_text).to(image_ids_L3),
         "guidance": conditioning.guidance_B,
         "joint_attention_kwargs": None
         if key_mask_B11S is None

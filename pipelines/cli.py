@@ -21,6 +21,10 @@
                                                     one request, same code path
     qwenflux demo [--config tiny] [--set k=v]      tiny models, data, training, registry,
                                                     batch inference
+    qwenflux import-release DIR --out PKG [--register NAME]
+                                                    the released Qwen2vl-Flux folder as a package
+    qwenflux export --format release --model URI --out DIR
+                                                    a package in the released folder layout
     qwenflux show-config --config PRESET           the resolved config, after overrides
     qwenflux plan [--config a100x8] [--set k=v]    memory, FLOPs and days per stage of a preset
 
@@ -42,6 +46,7 @@ from pathlib import Path
 from pipelines.config_loading import ConfigError, to_plain
 from pipelines.console import complain, quiet_run, say
 from pipelines.environment import apply_quiet_environment
+from pipelines.release_commands import add_release_commands, run_release_command
 
 QUIET_COMMANDS = ("run", "data", "train", "register", "promote", "infer", "demo")
 WORKFLOW_TARGETS = ("all", "data", "train", "register", "promote", "infer")
@@ -80,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
         ("generate", "generate one image"),
         ("demo", "build tiny models, then run the embedded pipeline"),
         ("show-config", "print the resolved config"),
+        ("import-release", "import the released Qwen2vl-Flux folder as a model package"),
+        ("export", "write a model in another layout (--format release)"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", default="tiny", help="preset name or TOML path")
@@ -96,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     configured["status"].add_argument("run_id", nargs="?", default=None, help="default: latest")
     configured["promote"].add_argument("--version", help="version to promote (default: candidate)")
     _add_data_inspect(configured["data"])
+    add_release_commands(commands, configured)
     for name in QUIET_COMMANDS:
         configured[name].add_argument(
             "--verbose", action="store_true", help="show every library and Ray log line"
@@ -179,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.command in QUIET_COMMANDS:
             return _quietly(config, args)
+        if args.command in ("import-release", "export"):
+            return run_release_command(config, args)
         return _generate(config, args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
         complain(f"qwenflux: error: {error}")
         return 2
 

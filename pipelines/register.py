@@ -143,7 +143,7 @@ def run_registration(config: PipelineConfig, *, training: str | None = None) -> 
 def generator_settings(config: PipelineConfig):
     """How the data was encoded and the model trained, from the dataset's manifest."""
     from components.data import shard_format
-    from components.inference.generator import GeneratorSettings
+    from components.inference.generator_parts import GeneratorSettings
 
     manifest = shard_format.read_manifest(RunLayout(config).dataset_root)
     encoders = manifest.get("encoders", {})

@@ -163,7 +163,7 @@ def untrained_generator_parts(models: TinyModelPaths, **extra):
 
     from diffusers import AutoencoderKL
 
-    from components.inference.generator import GeneratorParts, GeneratorSettings
+    from components.inference.generator_parts import GeneratorParts, GeneratorSettings
     from components.training.model_loading import load_modules
     from pipelines.config import load_config
 

@@ -268,14 +268,20 @@ class SampleEncoder:
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
 
-    def image_prompt_batch(self, images: list[Image.Image]) -> PromptBatch:
-        """User turn (image + instruction) with generation prompt, like the Qwen2-VL processor."""
+    def image_prompt_batch(
+        self, images: list[Image.Image], *, image_tokens: int | None = None
+    ) -> PromptBatch:
+        """User turn (image + instruction) with generation prompt, like the Qwen2-VL processor;
+        each image resized to `image_tokens` merged tokens (default: config.image_tokens)."""
+        size = self._image_size
+        if image_tokens is not None:
+            size = image_size_for(self.image_processor, image_tokens)
         tokens, vision = image_chat_tokens(
             self.tokenizer,
             self.image_processor,
             images,
             instruction=self.config.instruction,
-            size=self._image_size,
+            size=size,
         )
         return PromptBatch(
             input_ids_BL=tokens["input_ids"].to(self.device),

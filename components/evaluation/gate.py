@@ -23,7 +23,8 @@ import torch
 
 from components.evaluation import conditioning_check as probe
 from components.evaluation.conditioning_check import CheckResult, ConditioningCheckConfig
-from components.inference.generator import Generator, GeneratorParts
+from components.inference.generator import Generator
+from components.inference.generator_parts import GeneratorParts
 from components.inference.request_schema import GenerationRequest
 from components.training.loader import BucketIndex, ShardReader, collate_samples
 from components.training.loop import LoopData

@@ -9,22 +9,19 @@ go) into an image.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 from components.data.encode import EncodeConfig, SampleEncoder
 from components.inference.control import (
     DEPTH_DETECTOR_MISSING,
-    DepthDetector,
     control_map,
     union_mode,
 )
+from components.inference.generator_parts import GeneratorParts
 from components.inference.request_schema import (
     INIT_IMAGE_MODES,
     REFERENCE_MODES,
@@ -35,6 +32,7 @@ from components.inference.request_schema import (
     uses_reference_tokens,
     validate_request,
 )
+from components.inference.t5_branch import T5PromptEncoder, t5_text_tokens
 from model.conditioning import (
     flux_conditioning,
     image_token_states,
@@ -58,7 +56,7 @@ from model.generation import (
     pack_mask,
     repaint_mask,
 )
-from model.latent_codec import LatentCodec, latent_image_ids, pack_latents
+from model.latent_codec import latent_image_ids, pack_latents
 from model.qwen2vl_tail import PromptBatch, run_prefix
 from model.rectified_flow import (
     add_noise,
@@ -68,72 +66,6 @@ from model.rectified_flow import (
     resolution_shift_mu,
     sample,
 )
-
-TEXT_BRANCHES = ("qwen2vl", "t5")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GeneratorSettings:
-    """How the model was trained and encodes (from the data manifest / training config)."""
-
-    instruction: str
-    """The user-turn instruction next to a reference image ("Describe this image.")."""
-    image_tokens: int
-    """Qwen2-VL image-token budget of a reference image (512)."""
-    vae_scaling_factor: float
-    vae_shift_factor: float
-    guidance: float = 3.5
-    """Default FLUX-dev guidance-embedding value (what training fed)."""
-    text_branch: str = "qwen2vl"
-    """How a text prompt conditions: "qwen2vl" (the prompt's Qwen2-VL states through the
-    connector, as this project trains) or "t5" (the released model's branch: FLUX's T5 states of
-    the prompt through the package's t5_embedder, after the image tokens)."""
-    prompt_image_tokens: int = 0
-    """Image-token budget of a reference image next to a text prompt (0: image_tokens); the
-    released model uses 256 there and 512 without a prompt."""
-
-    def __post_init__(self) -> None:
-        if self.text_branch not in TEXT_BRANCHES:
-            raise ValueError(
-                f"text_branch must be one of {TEXT_BRANCHES}, got {self.text_branch!r}"
-            )
-        if self.prompt_image_tokens < 0 or self.image_tokens < 1:
-            raise ValueError("image_tokens must be >= 1 and prompt_image_tokens >= 0")
-
-    @property
-    def codec(self) -> LatentCodec:
-        """The latent codec of the VAE factors the model was trained under."""
-        return LatentCodec(
-            scaling_factor=self.vae_scaling_factor, shift_factor=self.vae_shift_factor
-        )
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GeneratorParts:
-    """A loaded model package: trained networks + verified frozen bases (by path)."""
-
-    qwen2vl_path: Path
-    """Base Qwen2-VL checkpoint folder (prefix layers, tokenizer, image processor)."""
-    flux_path: Path
-    """Base FLUX diffusers folder (vae/, text_encoder/ + tokenizer/ for CLIP-L)."""
-    transformer: nn.Module
-    """The trained FluxTransformer2DModel."""
-    tail: nn.Module
-    """The trained Qwen2VLTail (last decoder layer + final norm + rope)."""
-    connector: nn.Module
-    """The trained Connector (encoder hidden -> joint_attention_dim)."""
-    settings: GeneratorSettings
-    name: str = ""
-    """Registered model name (results carry it); empty outside the registry."""
-    version: str = ""
-    """Registered model version."""
-    t5_embedder: nn.Module | None = None
-    """The T5 branch's Linear (T5 width -> FLUX inner width); set iff settings.text_branch is
-    "t5"."""
-    controlnet: nn.Module | None = None
-    """Frozen FLUX ControlNet (FluxControlNetModel); None = control requests are refused."""
-    depth_detector: DepthDetector | None = None
-    """Depth estimator for 'depth' controls given as source pictures."""
 
 
 def focus_weights(focus: FocusCircle | FocusGrid, grid: tuple[int, int]) -> torch.Tensor:
@@ -182,11 +114,16 @@ class Generator:
         self.has_guidance_embeds = bool(parts.transformer.config.guidance_embeds)
         with torch.inference_mode():
             self._empty_pooled_P = self.encoder.encode_clip_pooled([""])[0]
+        self.t5: T5PromptEncoder | None = None
+        if settings.text_branch == "t5":
+            if parts.t5_embedder is None:
+                raise ValueError("text_branch 't5' needs the package's t5_embedder")
+            self.t5 = T5PromptEncoder(parts.flux_path, device=self.device, dtype=self.dtype)
 
     def _prepare_trained_parts(self) -> None:
         parts = self.parts
         # The rope's inverse frequencies stay float32 (as load_qwen2vl_tail keeps them).
-        frozen = [parts.controlnet] if parts.controlnet is not None else []
+        frozen = [part for part in (parts.controlnet, parts.t5_embedder) if part is not None]
         cast = [parts.transformer, parts.connector, *frozen]
         cast += [child for name, child in parts.tail.named_children() if name != "rotary_emb"]
         for module in (parts.transformer, parts.connector, parts.tail, *frozen):
@@ -313,9 +250,12 @@ class Generator:
         return self.parts.tail(prefix.hidden_BLD, prefix.position_ids_3BL, prefix.attention_mask_BL)
 
     @torch.inference_mode()
-    def reference_tokens(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The reference image's token states [G, D] (row-major) and their (rows, columns)."""
-        batch = self.encoder.image_prompt_batch([image])
+    def reference_tokens(
+        self, image: Image.Image, *, image_tokens: int | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The reference image's token states [G, D] (row-major) and their (rows, columns), at
+        `image_tokens` (default: the settings' image_tokens)."""
+        batch = self.encoder.image_prompt_batch([image], image_tokens=image_tokens)
         final_BLD = self._final_states(batch)
         image_mask_BL = batch.input_ids_BL == self.encoder.image_token_id
         tokens_GD = image_token_states(final_BLD, image_mask_BL=image_mask_BL)[0]
@@ -342,6 +282,8 @@ class Generator:
     def _conditioning(
         self, request: GenerationRequest, reference: Image.Image | None
     ) -> FluxConditioning:
+        if self.t5 is not None:
+            return self._t5_conditioning(request, reference)
         chosen_TD = []
         if uses_reference_tokens(request):
             tokens_GD, grid = self.reference_tokens(reference)
@@ -360,6 +302,37 @@ class Generator:
             torch.ones(hidden_BTD.shape[:2], dtype=torch.bool, device=self.device),
             pooled_BP=pooled_P[None].to(self.device, self.dtype),
             guidance=float(guidance) if self.has_guidance_embeds else None,
+        )
+
+    def _t5_conditioning(
+        self, request: GenerationRequest, reference: Image.Image | None
+    ) -> FluxConditioning:
+        """The released model's conditioning (components/inference/t5_branch.py): the reference
+        image's tokens (at prompt_image_tokens next to a prompt, image_tokens without; focus
+        applied) through the connector, then the prompt's T5 tokens through t5_embedder; the
+        empty prompt's CLIP pooled vector."""
+        settings, connector = self.parts.settings, self.parts.connector
+        has_prompt = bool(request.prompt.strip())
+        hidden_1GD = torch.zeros(1, 0, connector.in_features, device=self.device, dtype=self.dtype)
+        if reference is not None:
+            budget = settings.image_tokens
+            if has_prompt and settings.prompt_image_tokens:
+                budget = settings.prompt_image_tokens
+            tokens_GD, grid = self.reference_tokens(reference, image_tokens=budget)
+            if request.focus is not None:
+                tokens_GD = apply_focus(tokens_GD, focus_weights(request.focus, grid))
+            hidden_1GD = tokens_GD[None]
+        embedded_1UE = None
+        if has_prompt:
+            embedded_1UE = t5_text_tokens(self.t5(request.prompt), self.parts.t5_embedder)[None]
+        guidance = settings.guidance if request.guidance is None else request.guidance
+        return flux_conditioning(
+            connector,
+            hidden_1GD,
+            torch.ones(hidden_1GD.shape[:2], dtype=torch.bool, device=self.device),
+            pooled_BP=self._empty_pooled_P[None].to(self.device, self.dtype),
+            guidance=float(guidance) if self.has_guidance_embeds else None,
+            embedded_BUE=embedded_1UE,
         )
 
     def _velocity(

@@ -35,7 +35,7 @@ from components.checkpoints import (
     ResolvedCheckpoint,
     resolve_checkpoint,
 )
-from components.inference.generator import GeneratorParts, GeneratorSettings
+from components.inference.generator_parts import GeneratorParts, GeneratorSettings
 from components.training.checkpoint_state import STATE_FILE, WEIGHTS_FILE
 from components.training.encoder_tail import load_qwen2vl_tail
 from model.conditioning import Connector

@@ -39,7 +39,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Array, ColSpec, DataType, Object, Property, Schema
 
-from components.inference.generator import GeneratorParts
+from components.inference.generator_parts import GeneratorParts
 from components.inference.package import PACKAGE_FILE, load_package, read_manifest
 from components.inference.request_rows import (
     RESULT_COLUMNS,
@@ -176,9 +176,11 @@ def register_model(
     run_id: str,
     gate: dict[str, float],
     tags: dict[str, str],
+    alias: str | None = CANDIDATE_ALIAS,
 ) -> str:
     """Log the package into run `run_id`, register it as a new version of model_name, tag it
-    (`tags` as given: lineage; `gate.<name>` for each gate metric) and set alias `candidate`.
+    (`tags` as given: lineage; `gate.<name>` for each gate metric) and set `alias` on it
+    (`candidate`; None sets none).
 
     The logged model belongs to the run's experiment and is linked as the run's output; the
     version's run_id is run_id. Returns the new version (a string).
@@ -224,7 +226,8 @@ def register_model(
             tags=version_tags,
             model_id=logged.model_id,
         )
-    client.set_registered_model_alias(model_name, CANDIDATE_ALIAS, version.version)
+    if alias:
+        client.set_registered_model_alias(model_name, alias, version.version)
     return str(version.version)
 
 

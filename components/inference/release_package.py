@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from components.checkpoints import FileHashCache
 from components.inference import release
-from components.inference.generator import GeneratorSettings
+from components.inference.generator_parts import GeneratorSettings
 from components.inference.package import (
     CONNECTOR_FILE,
     PACKAGE_FILE,

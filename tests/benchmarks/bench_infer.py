@@ -105,7 +105,7 @@ def _package(work: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from components.inference.generator import GeneratorSettings
+    from components.inference.generator_parts import GeneratorSettings
     from components.inference.package import export_package
     from components.tiny_models import build_tiny_models
     from components.training.encoder_tail import load_qwen2vl_tail

@@ -15,7 +15,7 @@ from mlflow_servers import mlflow_server
 from PIL import Image
 from safetensors.torch import save_file
 
-from components.inference.generator import GeneratorSettings
+from components.inference.generator_parts import GeneratorSettings
 from components.inference.package import export_package, load_package
 from components.inference.registry import (
     PYFUNC_RESULT_COLUMNS,

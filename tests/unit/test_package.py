@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from components import checkpoints
 from components.checkpoints import CheckpointNotFoundError
 from components.inference import package as package_module
-from components.inference.generator import GeneratorSettings
+from components.inference.generator_parts import GeneratorSettings
 from components.inference.package import (
     PackageError,
     PackageIntegrityError,
