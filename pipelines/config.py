@@ -161,6 +161,11 @@ class TrainConfig:
     """Dataset root (holds manifest.json); empty = <run.root>/data."""
     storage_path: str = ""
     """Ray Train storage for checkpoints (local dir or s3://); empty = <run.root>/train."""
+    init_from: str = ""
+    """Start from a model package instead of the bases: a package folder, models:/NAME/VERSION
+    or models:/NAME@ALIAS (resolved when the training starts). Its transformer, Qwen2-VL tail
+    and connector are the starting weights; the dataset must have been encoded by the same
+    frozen Qwen2-VL prefix (checked by hash). Empty = the bases and a fresh connector."""
     micro_batch_size: int = 1
     """Samples per worker per forward/backward."""
     accumulation_steps: int = 1

@@ -112,6 +112,7 @@ def run_registration(config: PipelineConfig, *, training: str | None = None) -> 
             settings=generator_settings(config),
             lineage=lineage,
             out_dir=package_dir,
+            t5_embedder=_carried_t5_embedder(config),
         )
     champion_version, champion = _champion_to_compare(config, run_id)
     gate = evaluate_gate(config, load_package(package_dir), champion=champion)
@@ -206,9 +207,13 @@ def evaluate_gate(config: PipelineConfig, parts, *, champion=None) -> GateResult
     (and `champion`, when given, on the same held-out rows)."""
     from components.evaluation import gate
     from components.training.model_loading import load_training_model
+    from pipelines.init_from import resolve_init_package
 
     base, convention = load_training_model(
-        config.data.encode, dataset_root=RunLayout(config).dataset_root, seed=config.run.seed
+        config.data.encode,
+        dataset_root=RunLayout(config).dataset_root,
+        seed=config.run.seed,
+        init_from=resolve_init_package(config),
     )
     return gate.evaluate_gate(
         parts, base=base, convention=convention, inputs=gate_inputs(config), champion=champion
@@ -230,10 +235,22 @@ def run_promotion(config: PipelineConfig, *, version: str | None = None):
         raise permission_denied(error, action=action, tracking_uri=uri) from error
 
 
+def _carried_t5_embedder(config: PipelineConfig) -> Path | None:
+    """The init_from package's T5 embedder, when it has one (see export_package)."""
+    from components.inference.package import T5_EMBEDDER_FILE
+    from pipelines.init_from import resolve_init_package
+
+    package = resolve_init_package(config)
+    if package is None or not (package / T5_EMBEDDER_FILE).is_file():
+        return None
+    return package / T5_EMBEDDER_FILE
+
+
 def _lineage(client, run_id: str) -> dict[str, str]:
     tags = client.get_run(run_id).data.tags
     lineage = {"training_run_id": run_id}
-    for key in ("git_sha", "config_hash", "data_manifest_id", "dataset_version", "preset"):
+    keys = ("git_sha", "config_hash", "data_manifest_id", "dataset_version", "preset")
+    for key in (*keys, "init_from", "init_from_package", "init_from_imported"):
         if key in tags:
             lineage[key] = tags[key]
     return lineage

@@ -52,9 +52,12 @@ def run_training(
     layout = RunLayout(config)
     root = layout.dataset_root
     manifest = preflight(config, root)
+    init_package, init_lineage = _init_package(config, manifest, root)
     name = layout.training_name(manifest["dataset_id"], salt=salt)
     _check_checkpoint_format(layout, name)
-    parent_run_id = _parent_run(config, manifest, name=name, workflow_run_id=workflow_run_id)
+    parent_run_id = _parent_run(
+        config, manifest, name=name, workflow_run_id=workflow_run_id, extra_tags=init_lineage
+    )
     resources = config.train.resources
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -62,6 +65,7 @@ def run_training(
             "config": to_plain(config),
             "parent_run_id": parent_run_id,
             "dataset_root": str(root),
+            "init_package": str(init_package) if init_package else "",
         },
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers,
@@ -126,6 +130,18 @@ def preflight(config: PipelineConfig, root: Path) -> dict:
     return manifest
 
 
+def _init_package(config: PipelineConfig, manifest: dict, root: Path):
+    """(package folder, lineage tags) of train.init_from, checked against the dataset; (None,
+    {}) without it."""
+    from pipelines.init_from import check_init_package, resolve_init_package
+
+    package = resolve_init_package(config)
+    if package is None:
+        return None, {}
+    lineage = check_init_package(package, manifest, dataset_root=root)
+    return package, {"init_from": config.train.init_from, **lineage}
+
+
 def _check_checkpoint_format(layout: RunLayout, name: str) -> None:
     """Checkpoints an older trainer wrote in this run's storage would fail in every worker
     (and be retried max_failures times): refuse them here, once, by name."""
@@ -141,7 +157,12 @@ def _check_checkpoint_format(layout: RunLayout, name: str) -> None:
 
 
 def _parent_run(
-    config: PipelineConfig, manifest: dict, *, name: str, workflow_run_id: str | None
+    config: PipelineConfig,
+    manifest: dict,
+    *,
+    name: str,
+    workflow_run_id: str | None,
+    extra_tags: dict[str, str] | None = None,
 ) -> str:
     """The parent run of this training: reopened from its marker on resume."""
     from mlflow.entities import Param
@@ -161,6 +182,7 @@ def _parent_run(
         "dataset_version": str(manifest.get("version", "")),
         "preset": config.run.name,
         "training": name,
+        **(extra_tags or {}),
     }
     if workflow_run_id:
         tags |= {"mlflow.parentRunId": workflow_run_id, "workflow_step": "train"}

@@ -39,7 +39,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     dataset_root = Path(payload["dataset_root"])
     model, convention = load_training_model(
-        config.data.encode, dataset_root=dataset_root, seed=config.run.seed, device=device
+        config.data.encode,
+        dataset_root=dataset_root,
+        seed=config.run.seed,
+        device=device,
+        init_from=Path(payload["init_package"]) if payload.get("init_package") else None,
     )
     settings = loop_config(config, device=device)
     if resources.strategy == "fsdp":

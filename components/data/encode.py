@@ -173,6 +173,7 @@ class SampleEncoder:
                 "tokenizer/",
             ),
         )
+        self._prefix_sha256: str | None = None
         self._load_qwen2vl()
         self._load_flux_parts()
         self._generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -349,12 +350,23 @@ class SampleEncoder:
         """CLIP pooled caption embeddings float32 [B, pooled_dim] (see clip_pooled)."""
         return clip_pooled(self.clip_tokenizer, self.clip, captions)
 
+    @property
+    def prefix_sha256(self) -> str:
+        """sha256 of the frozen Qwen2-VL prefix these states come from (computed once; see
+        components/training/encoder_tail.py: qwen2vl_prefix_sha256)."""
+        if self._prefix_sha256 is None:
+            from components.training.encoder_tail import qwen2vl_prefix_sha256
+
+            self._prefix_sha256 = qwen2vl_prefix_sha256(self.qwen2vl.path)
+        return self._prefix_sha256
+
     def describe(self) -> dict:
         """Everything the data manifest needs to say how the cached tensors were made."""
         config = self.config
         return {
             "qwen2vl": config.qwen2vl,
             "qwen2vl_revision": self.qwen2vl.revision_id,
+            "qwen2vl_prefix_sha256": self.prefix_sha256,
             "flux": config.flux,
             "flux_revision": self.flux.revision_id,
             "clip": f"{config.flux}/text_encoder",

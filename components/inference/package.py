@@ -37,7 +37,7 @@ from components.checkpoints import (
 )
 from components.inference.generator_parts import GeneratorParts, GeneratorSettings
 from components.training.checkpoint_state import STATE_FILE, WEIGHTS_FILE
-from components.training.encoder_tail import load_qwen2vl_tail
+from components.training.encoder_tail import load_qwen2vl_tail, qwen2vl_prefix_sha256
 from model.conditioning import Connector
 from model.qwen2vl_tail import Qwen2VLTail
 
@@ -95,8 +95,13 @@ def export_package(
     lineage: dict[str, str],
     out_dir: Path,
     dtype: str = "float32",
+    t5_embedder: Path | None = None,
 ) -> Path:
     """Apply a training checkpoint to its bases and write a package folder at out_dir.
+
+    `t5_embedder`: a package's t5_embedder.safetensors to carry along (a training that started
+    from an imported release keeps the released T5 embedder, untrained, so the package can be
+    exported to the released layout); the package's text branch stays the settings' own.
 
     qwen2vl / flux are the bases as training named them (local dir or hub id in the local HF
     cache). dtype ('float32' or 'bfloat16') is how the trained networks are stored. out_dir must
@@ -120,6 +125,7 @@ def export_package(
         "flux": base_record(flux, flux_revision, flux_base, flux_files, hashes),
     }
     hashes.save()
+    bases["qwen2vl"]["prefix_sha256"] = qwen2vl_prefix_sha256(qwen_base.path)
     from diffusers import FluxTransformer2DModel
 
     transformer = FluxTransformer2DModel.from_pretrained(flux_base.path, subfolder="transformer")
@@ -139,7 +145,12 @@ def export_package(
         "checkpoint": _checkpoint_summary(Path(checkpoint_dir)),
         "bases": bases,
     }
-    _write_atomically(out_dir, modules, manifest)
+    carried = None
+    if t5_embedder is not None:
+        carried = load_file(str(t5_embedder))
+        out_features, in_features = carried["weight"].shape
+        manifest["t5_embedder"] = {"in_features": in_features, "out_features": out_features}
+    _write_atomically(out_dir, modules, manifest, t5_embedder=carried)
     return out_dir
 
 
@@ -356,7 +367,13 @@ def tail_state(tail: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _write_atomically(out_dir: Path, modules: dict[str, nn.Module], manifest: dict) -> None:
+def _write_atomically(
+    out_dir: Path,
+    modules: dict[str, nn.Module],
+    manifest: dict,
+    *,
+    t5_embedder: dict[str, torch.Tensor] | None = None,
+) -> None:
     staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex}"
     staging.mkdir(parents=True)
     try:
@@ -366,6 +383,8 @@ def _write_atomically(out_dir: Path, modules: dict[str, nn.Module], manifest: di
             k: v.detach().contiguous() for k, v in modules["connector"].state_dict().items()
         }
         save_file(connector, str(staging / CONNECTOR_FILE), {"format": "pt"})
+        if t5_embedder is not None:
+            save_file(t5_embedder, str(staging / T5_EMBEDDER_FILE), {"format": "pt"})
         (staging / PACKAGE_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         os.replace(staging, out_dir)
     except BaseException:

@@ -47,7 +47,11 @@ from components.inference.package import (
     tail_state,
     verified_base,
 )
-from components.training.encoder_tail import TEXT_MODEL_PREFIXES, load_qwen2vl_tail
+from components.training.encoder_tail import (
+    TEXT_MODEL_PREFIXES,
+    load_qwen2vl_tail,
+    qwen2vl_prefix_sha256,
+)
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 _QWEN2VL_INDEX = "model.safetensors.index.json"
@@ -81,6 +85,7 @@ def import_release(release_dir: Path, out_dir: Path, *, lineage: dict[str, str] 
     }
     sources = release.source_hashes(layout, hashes)
     hashes.save()
+    bases["qwen2vl"]["prefix_sha256"] = qwen2vl_prefix_sha256(qwen_id)
     tail = load_qwen2vl_tail(qwen_id, dtype=dtype)
     vae = json.loads((layout.flux / "vae" / "config.json").read_text())
     settings = GeneratorSettings(

@@ -8,6 +8,7 @@ lazy safe_open, and only the shard files that hold them are opened: a 7B checkpo
 materialised to get one layer (~233M parameters of Qwen2-VL-7B's 8.3B).
 """
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -145,3 +146,45 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtyp
         key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()
     }
     module.load_state_dict(cast, strict=True, assign=True)
+
+
+def qwen2vl_prefix_sha256(checkpoint: str | Path, *, revision: str | None = None) -> str:
+    """sha256 of the frozen prefix a Qwen2-VL checkpoint holds: every tensor but lm_head, the last
+    decoder layer and the final norm, each as its name, dtype, shape and bytes, in name order.
+
+    Two checkpoints get the same hash exactly when their prefixes are equal bit for bit,
+    whatever their sharding, their last layer, whether they have lm_head, and whether they use
+    the legacy tensor names or the nested ones (names are compared with the text model's and
+    the vision tower's prefixes stripped). This is what shards encoded by one checkpoint and a
+    package built on another must agree on before training continues from the package.
+    """
+    root = resolve_checkpoint(
+        str(checkpoint), revision=revision, root_file="config.json", required=()
+    ).path
+    config = json.loads((root / "config.json").read_text())
+    last = int((config.get("text_config") or config)["num_hidden_layers"]) - 1
+    weight_map = _weight_map(root, name=str(checkpoint))
+    prefix = _text_model_prefix(weight_map, name=str(checkpoint))
+    skipped = (f"{prefix}layers.{last}.", f"{prefix}norm.", "lm_head.")
+    names = {_canonical_name(key, prefix): key for key in weight_map if not key.startswith(skipped)}
+    by_file: dict[str, list[str]] = {}
+    for canonical in sorted(names):
+        by_file.setdefault(weight_map[names[canonical]], []).append(canonical)
+    # One digest per tensor (shards are read in file order, one tensor in memory at a time),
+    # then one over the sorted per-tensor lines.
+    lines: dict[str, str] = {}
+    for file_name, canonicals in sorted(by_file.items()):
+        with safe_open(root / file_name, framework="pt", device="cpu") as weights:
+            for canonical in canonicals:
+                tensor = weights.get_tensor(names[canonical]).contiguous()
+                data = tensor.reshape(-1).view(torch.uint8).numpy()
+                tensor_sha = hashlib.sha256(memoryview(data)).hexdigest()
+                lines[canonical] = f"{canonical}|{tensor.dtype}|{tuple(tensor.shape)}|{tensor_sha}"
+    digest = hashlib.sha256("\n".join(lines[name] for name in sorted(lines)).encode())
+    return digest.hexdigest()
+
+
+def _canonical_name(key: str, text_prefix: str) -> str:
+    if key.startswith(text_prefix):
+        return "text." + key[len(text_prefix) :]
+    return key.removeprefix("model.")  # model.visual.* (nested names) -> visual.*

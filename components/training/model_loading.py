@@ -22,17 +22,43 @@ from model.conditioning import Connector
 from model.latent_codec import LatentCodec
 
 
-def load_modules(encode: EncodeConfig, *, seed: int) -> QwenFluxModel:
+def load_modules(
+    encode: EncodeConfig, *, seed: int, init_from: Path | None = None
+) -> QwenFluxModel:
     """The one assembly of the Qwen2VL-Flux modules from the configured bases: base FLUX
-    transformer, Qwen2-VL's last layer + norm, a connector drawn from `seed` (on the CPU)."""
+    transformer, Qwen2-VL's last layer + norm, a connector drawn from `seed` (on the CPU). With
+    `init_from` (a model package folder), the package's transformer, tail and connector instead,
+    in float32 (names and shapes checked strictly)."""
     from diffusers import FluxTransformer2DModel
 
-    flux = _flux_checkpoint(encode)
-    transformer = FluxTransformer2DModel.from_pretrained(flux.path, subfolder="transformer")
+    if init_from is not None:
+        transformer = FluxTransformer2DModel.from_pretrained(
+            Path(init_from) / "transformer", torch_dtype=torch.float32
+        )
+    else:
+        flux = _flux_checkpoint(encode)
+        transformer = FluxTransformer2DModel.from_pretrained(flux.path, subfolder="transformer")
     tail = load_qwen2vl_tail(encode.qwen2vl, revision=encode.qwen2vl_revision)
     torch.manual_seed(seed)
     connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
+    if init_from is not None:
+        _load_package_weights(Path(init_from), tail=tail, connector=connector)
     return QwenFluxModel(tail, connector, transformer)
+
+
+def _load_package_weights(package: Path, *, tail, connector: Connector) -> None:
+    """The package's encoder tail (`layer.*`, `norm.*`) and connector, cast to float32."""
+    from safetensors.torch import load_file
+
+    from components.inference.package import CONNECTOR_FILE, TAIL_FILE
+
+    state = {key: value.float() for key, value in load_file(str(package / TAIL_FILE)).items()}
+    with torch.no_grad():
+        for name, module in (("layer.", tail.layer), ("norm.", tail.norm)):
+            part = {key[len(name) :]: value for key, value in state.items() if key.startswith(name)}
+            module.load_state_dict(part, strict=True)
+        weights = load_file(str(package / CONNECTOR_FILE))
+        connector.load_state_dict({key: value.float() for key, value in weights.items()})
 
 
 def latent_convention(
@@ -49,10 +75,16 @@ def latent_convention(
 
 
 def load_training_model(
-    encode: EncodeConfig, *, dataset_root: Path, seed: int, device: torch.device | str = "cpu"
+    encode: EncodeConfig,
+    *,
+    dataset_root: Path,
+    seed: int,
+    device: torch.device | str = "cpu",
+    init_from: Path | None = None,
 ) -> tuple[QwenFluxModel, LatentConvention]:
-    """The untrained start of a training (on the CPU) and its convention (`device`)."""
-    model = load_modules(encode, seed=seed)
+    """The start of a training (on the CPU: the bases, or the `init_from` package) and its
+    convention (`device`)."""
+    model = load_modules(encode, seed=seed, init_from=init_from)
     return model, latent_convention(encode, dataset_root=dataset_root, device=device)
 
 
