@@ -4,7 +4,8 @@ Input: a name (path or `owner/repo`), an optional revision, the file that marks 
 weight stems that must be complete. Output: a ResolvedCheckpoint (folder + a revision id that
 identifies its exact content), or CheckpointNotFoundError naming what is missing. Nothing is
 downloaded: a hub id must already be in the local cache. `FileHashCache` / `hash_file` give the
-sha256 of checkpoint files (what a model package records of its frozen bases).
+sha256 of checkpoint files (what a model package records of its frozen bases); `write_staged`
+writes a checkpoint-like folder that appears only complete.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,3 +149,16 @@ def hash_file(path: Path) -> str:
         while chunk := handle.read(_HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_staged(out_dir: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(staging)` on a fresh staging folder beside out_dir, then rename it to out_dir:
+    the folder appears only complete; a failed write leaves nothing behind."""
+    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

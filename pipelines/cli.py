@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     configured["status"].add_argument("run_id", nargs="?", default=None, help="default: latest")
     configured["promote"].add_argument("--version", help="version to promote (default: candidate)")
     _add_data_inspect(configured["data"])
-    add_release_commands(commands, configured)
+    add_release_commands(configured)
     for name in QUIET_COMMANDS:
         configured[name].add_argument(
             "--verbose", action="store_true", help="show every library and Ray log line"

@@ -20,7 +20,7 @@ from pipelines.console import say
 EXPORT_FORMATS = ("release",)
 
 
-def add_release_commands(commands, configured: dict) -> None:
+def add_release_commands(configured: dict) -> None:
     """The two subcommands (each with --config / --set, added by the caller's loop)."""
     imported = configured["import-release"]
     imported.add_argument("source", type=Path, help="release folder (flux/, qwen2-vl/, ...)")

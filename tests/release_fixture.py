@@ -22,6 +22,7 @@ from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
 
 from components.inference import release
+from components.inference.package import qwen2vl_weight_files
 from components.tiny_models import TinyModelPaths
 
 NUM_QWEN2VL_SHARDS = 3
@@ -68,7 +69,7 @@ def _random_linear(in_features: int, out_features: int, generator) -> dict[str, 
 
 def _write_qwen2vl_without_lm_head(source: Path, out: Path) -> None:
     """The tiny checkpoint's tensors minus lm_head, bf16, re-sharded; its other files copied."""
-    weights = [path.name for path in release.qwen2vl_weight_files(source)]
+    weights = [path.name for path in qwen2vl_weight_files(source)]
     shutil.copytree(source, out, ignore=shutil.ignore_patterns(*weights))
     tensors: dict[str, torch.Tensor] = {}
     for name in weights:

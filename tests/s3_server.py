@@ -3,6 +3,7 @@ in-process mock), for the object-storage tests.
 
     with s3_server(root, bucket="runs") as env: ...   env: the AWS_* variables that point
                                                        boto3, pyarrow, Ray and MLflow at it
+    s3_client(env)                                     a boto3 client of that server
 
 The server runs in its own session and is stopped by whoever started it, on the way out.
 """
@@ -44,18 +45,23 @@ def s3_server(root: Path, *, bucket: str, timeout_s: float = 60) -> Iterator[dic
     }
     try:
         _wait_up(url, process, log, timeout_s)
-        import boto3
-
-        boto3.client(
-            "s3",
-            endpoint_url=url,
-            region_name=env["AWS_DEFAULT_REGION"],
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        ).create_bucket(Bucket=bucket)
+        s3_client(env).create_bucket(Bucket=bucket)
         yield env
     finally:
         stop_group(process)
+
+
+def s3_client(env: dict[str, str]):
+    """A boto3 S3 client for the server `s3_server` yielded `env` for."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 def _wait_up(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -34,6 +31,7 @@ from components.checkpoints import (
     FileHashCache,
     ResolvedCheckpoint,
     resolve_checkpoint,
+    write_staged,
 )
 from components.inference.generator_parts import GeneratorParts, GeneratorSettings
 from components.training.checkpoint_state import STATE_FILE, WEIGHTS_FILE
@@ -250,15 +248,21 @@ def resolve_base(kind: str, name: str, revision: str | None) -> ResolvedCheckpoi
     )
 
 
-def qwen2vl_files(root: Path) -> list[str]:
-    """config + weights (index and every shard it lists, or the single file) + tokenizer,
-    processor and chat-template files that exist."""
+def qwen2vl_weight_files(root: Path) -> list[Path]:
+    """A Qwen2-VL checkpoint's weight files: the index and every shard it lists, or the single
+    model.safetensors; [] when there is neither."""
     index = root / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        weights = [index.name, *shards]
-    else:
-        weights = ["model.safetensors"]
+        return [index, *(root / shard for shard in shards)]
+    single = root / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def qwen2vl_files(root: Path) -> list[str]:
+    """config + weights (qwen2vl_weight_files; model.safetensors, reported missing later, when
+    there are none) + tokenizer, processor and chat-template files that exist."""
+    weights = [path.name for path in qwen2vl_weight_files(root)] or ["model.safetensors"]
     aux = [name for name in QWEN2VL_AUX_FILES if (root / name).is_file()]
     return sorted(set(aux + weights))
 
@@ -374,9 +378,7 @@ def _write_atomically(
     *,
     t5_embedder: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex}"
-    staging.mkdir(parents=True)
-    try:
+    def write(staging: Path) -> None:
         modules["transformer"].save_pretrained(staging / TRANSFORMER_DIR, safe_serialization=True)
         save_file(tail_state(modules["tail"]), str(staging / TAIL_FILE), {"format": "pt"})
         connector = {
@@ -385,11 +387,14 @@ def _write_atomically(
         save_file(connector, str(staging / CONNECTOR_FILE), {"format": "pt"})
         if t5_embedder is not None:
             save_file(t5_embedder, str(staging / T5_EMBEDDER_FILE), {"format": "pt"})
-        (staging / PACKAGE_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_manifest(staging, manifest)
+
+    write_staged(out_dir, write)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """package.json, as every package writer lays it out."""
+    (folder / PACKAGE_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def _load_tail(qwen_path: Path, tail_file: Path) -> Qwen2VLTail:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from components.checkpoints import FileHashCache
+from components.inference.package import qwen2vl_weight_files
 
 FLUX_DIR = "flux"
 QWEN2VL_DIR = "qwen2-vl"
@@ -106,15 +107,6 @@ def _pickle_path(root: Path, name: str) -> Path:
         f"release {root}: {name} is missing (looked in {root / QWEN2VL_DIR} and {root}); "
         "without it the model cannot be rebuilt, so nothing is imported"
     )
-
-
-def qwen2vl_weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [index, *(folder / shard for shard in shards)]
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else []
 
 
 def read_state_pickle(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

@@ -19,21 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from components.checkpoints import FileHashCache
+from components.checkpoints import FileHashCache, write_staged
 from components.inference import release
 from components.inference.generator_parts import GeneratorSettings
 from components.inference.package import (
     CONNECTOR_FILE,
-    PACKAGE_FILE,
     PACKAGE_FORMAT,
     T5_EMBEDDER_FILE,
     TAIL_FILE,
@@ -42,15 +39,18 @@ from components.inference.package import (
     base_record,
     flux_files,
     qwen2vl_files,
+    qwen2vl_weight_files,
     read_manifest,
     resolve_base,
     tail_state,
     verified_base,
+    write_manifest,
 )
 from components.training.encoder_tail import (
-    TEXT_MODEL_PREFIXES,
+    checkpoint_weight_map,
     load_qwen2vl_tail,
     qwen2vl_prefix_sha256,
+    text_model_prefix,
 )
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -119,9 +119,9 @@ def import_release(release_dir: Path, out_dir: Path, *, lineage: dict[str, str] 
         save_file(tail_state(tail), str(staging / TAIL_FILE), {"format": "pt"})
         save_file(_cast(connector, dtype), str(staging / CONNECTOR_FILE), {"format": "pt"})
         save_file(_cast(t5, dtype), str(staging / T5_EMBEDDER_FILE), {"format": "pt"})
-        (staging / PACKAGE_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_manifest(staging, manifest)
 
-    _staged(out_dir, write)
+    write_staged(out_dir, write)
     return out_dir
 
 
@@ -159,65 +159,43 @@ def export_release(package_dir: Path, out_dir: Path, *, hash_cache_dir: Path | N
         torch.save(linear, qwen / release.CONNECTOR_PICKLE)
         torch.save({"weight": t5["weight"], "bias": t5["bias"]}, qwen / release.T5_EMBEDDER_PICKLE)
 
-    _staged(out_dir, write)
+    write_staged(out_dir, write)
     return out_dir
 
 
 def _write_qwen2vl(base: Path, out: Path, tail: dict[str, torch.Tensor]) -> None:
     """The base Qwen2-VL folder without lm_head, its last layer and final norm from `tail`
     (package names `layer.*`, `norm.*`); shards keep their names, the index is rewritten."""
-    weights = {path.name for path in release.qwen2vl_weight_files(base)}
+    weights = {path.name for path in qwen2vl_weight_files(base)}
     shutil.copytree(base, out, ignore=_top_level(base, weights))
     config = json.loads((base / "config.json").read_text())
-    num_layers = int((config.get("text_config") or config)["num_hidden_layers"])
-    index_file = base / _QWEN2VL_INDEX
-    if index_file.is_file():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    else:
-        shards, weight_map = ["model.safetensors"], None
-    names = _tail_names(tail, shards=[base / shard for shard in shards], last=num_layers - 1)
+    last = int((config.get("text_config") or config)["num_hidden_layers"]) - 1
+    located = checkpoint_weight_map(base, name=str(base))
+    prefix = text_model_prefix(located, name=str(base))
+    # {checkpoint name: package tail name}, in the base's naming (legacy `model.` or nested).
+    names = {
+        (f"{prefix}layers.{last}.{key[6:]}" if key.startswith("layer.") else f"{prefix}{key}"): key
+        for key in tail
+    }
+    if set(names) - set(located):
+        raise PackageError(f"base {base} lacks {sorted(set(names) - set(located))[:3]}")
     written: dict[str, str] = {}
     total_bytes = 0
-    for shard in shards:
+    for shard in sorted(set(located.values())):
         tensors = load_file(str(base / shard))
         kept = {key: value for key, value in tensors.items() if not key.startswith("lm_head.")}
-        for key in kept:
-            if key in names:
-                kept[key] = tail[names[key]].contiguous()
+        for key in kept.keys() & names.keys():
+            kept[key] = tail[names[key]].contiguous()
         if kept:
             save_file(kept, str(out / shard), {"format": "pt"})
         written |= dict.fromkeys(kept, shard)
         total_bytes += sum(value.numel() * value.element_size() for value in kept.values())
-    if set(names) - set(written):
-        raise PackageError(f"base {base} lacks {sorted(set(names) - set(written))[:3]}")
-    if weight_map is not None:
+    if (base / _QWEN2VL_INDEX).is_file():
         index = {
             "metadata": {"total_size": total_bytes},
             "weight_map": dict(sorted(written.items())),
         }
         (out / _QWEN2VL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _tail_names(tail: dict[str, torch.Tensor], *, shards: list[Path], last: int) -> dict[str, str]:
-    """{checkpoint name: package tail name} in the base's naming (legacy `model.` or nested)."""
-    from safetensors import safe_open
-
-    present: set[str] = set()
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as handle:
-            present |= set(handle.keys())
-    for prefix in TEXT_MODEL_PREFIXES:
-        if f"{prefix}norm.weight" in present:
-            return {
-                (
-                    f"{prefix}layers.{last}.{key[6:]}"
-                    if key.startswith("layer.")
-                    else f"{prefix}{key}"
-                ): key
-                for key in tail
-            }
-    raise PackageError(f"Qwen2-VL base {shards[0].parent} has no final norm tensor")
 
 
 def _top_level(root: Path, names: set[str]) -> Callable[[str, list[str]], set[str]]:
@@ -228,17 +206,6 @@ def _top_level(root: Path, names: set[str]) -> Callable[[str, list[str]], set[st
         return names & set(entries) if Path(folder).absolute() == root else set()
 
     return ignore
-
-
-def _staged(out_dir: Path, write: Callable[[Path], None]) -> None:
-    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex}"
-    staging.mkdir(parents=True)
-    try:
-        write(staging)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -58,8 +58,8 @@ def load_qwen2vl_tail(
     last_index = text_config.num_hidden_layers - 1
     tail = Qwen2VLTail.skeleton(text_config)
     layer, norm = tail.layer, tail.norm
-    weight_map = _weight_map(resolved.path, name=checkpoint)
-    prefix = _text_model_prefix(weight_map, name=checkpoint)
+    weight_map = checkpoint_weight_map(resolved.path, name=checkpoint)
+    prefix = text_model_prefix(weight_map, name=checkpoint)
     wanted = _checkpoint_names(layer, norm, prefix=prefix, last_index=last_index)
     _check_names(wanted, weight_map, layer_prefix=f"{prefix}layers.{last_index}.", name=checkpoint)
     tensors = _read_tensors(resolved.path, weight_map, wanted.values(), name=checkpoint)
@@ -68,7 +68,7 @@ def load_qwen2vl_tail(
     return tail
 
 
-def _weight_map(root: Path, *, name: str) -> dict[str, str]:
+def checkpoint_weight_map(root: Path, *, name: str) -> dict[str, str]:
     """Tensor name -> shard file name, from the index or the single weights file."""
     index = root / f"{WEIGHTS_STEM}.safetensors.index.json"
     single = root / f"{WEIGHTS_STEM}.safetensors"
@@ -85,7 +85,7 @@ def _weight_map(root: Path, *, name: str) -> dict[str, str]:
     raise CheckpointNotFoundError(f"checkpoint {name}: missing {single} (or {index.name})")
 
 
-def _text_model_prefix(weight_map: dict[str, str], *, name: str) -> str:
+def text_model_prefix(weight_map: dict[str, str], *, name: str) -> str:
     for prefix in TEXT_MODEL_PREFIXES:
         if f"{prefix}norm.weight" in weight_map:
             return prefix
@@ -163,8 +163,8 @@ def qwen2vl_prefix_sha256(checkpoint: str | Path, *, revision: str | None = None
     ).path
     config = json.loads((root / "config.json").read_text())
     last = int((config.get("text_config") or config)["num_hidden_layers"]) - 1
-    weight_map = _weight_map(root, name=str(checkpoint))
-    prefix = _text_model_prefix(weight_map, name=str(checkpoint))
+    weight_map = checkpoint_weight_map(root, name=str(checkpoint))
+    prefix = text_model_prefix(weight_map, name=str(checkpoint))
     skipped = (f"{prefix}layers.{last}.", f"{prefix}norm.", "lm_head.")
     names = {_canonical_name(key, prefix): key for key in weight_map if not key.startswith(skipped)}
     by_file: dict[str, list[str]] = {}

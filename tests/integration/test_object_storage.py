@@ -10,11 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-import boto3
 import pytest
 from conftest import tiny_overrides
 from mlflow.tracking import MlflowClient
-from s3_server import s3_server
+from s3_server import s3_client, s3_server
 from subprocess_runs import start_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster]
@@ -42,13 +41,7 @@ def test_checkpoints_and_artifacts_live_in_the_bucket(tmp_path, tiny_models_dir)
         process = start_group(command, env=os.environ | env)
         output, _ = process.communicate(timeout=900)
         assert process.returncode == 0, output[-4000:]
-        client = boto3.client(
-            "s3",
-            endpoint_url=env["AWS_ENDPOINT_URL"],
-            region_name=env["AWS_DEFAULT_REGION"],
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        )
+        client = s3_client(env)
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
         keys = [item["Key"] for page in pages for item in page.get("Contents", [])]
 

@@ -9,11 +9,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import boto3
 import pyarrow.parquet as pq
 import pytest
 from conftest import sources_override, tiny_overrides
-from s3_server import s3_server
+from s3_server import s3_client, s3_server
 from source_fixtures import write_parquet_images, write_webdataset_shards
 from subprocess_runs import start_group
 
@@ -66,13 +65,7 @@ def test_tars_and_parquet_images_in_a_bucket(tmp_path, tiny_models_dir, monkeypa
     command = [sys.executable, "-m", "pipelines.cli", "data", "--config", "tiny"]
     command += [argument for item in overrides for argument in ("--set", item)]
     with s3_server(tmp_path / "s3", bucket=BUCKET) as env:
-        client = boto3.client(
-            "s3",
-            endpoint_url=env["AWS_ENDPOINT_URL"],
-            region_name=env["AWS_DEFAULT_REGION"],
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        )
+        client = s3_client(env)
         _upload(client, tmp_path / "shards", "wds")
         _upload(client, tmp_path / "hf", "hf")
         process = start_group(command, env=os.environ | env)
