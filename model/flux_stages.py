@@ -42,15 +42,76 @@ def flux_block(transformer: nn.Module, index: int) -> nn.Module:
     return transformer.single_transformer_blocks[index - num_double]
 
 
-def trainable_parameter_names(transformer: nn.Module, indices: tuple[int, ...]) -> list[str]:
-    """Names of the parameters of blocks `indices`, in the module's order."""
+FLUX_PARTS = ("attention", "mlp", "output", "modulation", "norms")
+"""The parts of a FLUX block a stage can train (`flux_parts`; "all" = every one):
+attention  q/k/v (and the text stream's) projections, the double block's output projections
+mlp        the feed-forward networks (double: ff, ff_context; single: proj_mlp)
+output     a single block's proj_out, the one projection that merges its attention and MLP
+modulation the adaptive-norm linears that make shift/scale/gate from the timestep embedding
+norms      the RMS norms of queries and keys (the block's LayerNorms have no parameters)"""
+
+
+def block_part(name: str) -> str:
+    """The part (FLUX_PARTS) of a parameter, by its name inside a double or single block."""
+    if name.startswith(("norm1.", "norm1_context.", "norm.")):
+        return "modulation"
+    if name.startswith("attn.norm_"):
+        return "norms"
+    if name.startswith("attn."):
+        return "attention"
+    if name.startswith(("ff.", "ff_context.", "proj_mlp.")):
+        return "mlp"
+    if name.startswith("proj_out."):
+        return "output"
+    raise ValueError(f"FLUX block parameter {name!r} belongs to no known part")
+
+
+def flux_parameter_group(name: str, *, num_double: int) -> tuple[str, str]:
+    """(block label, part) of a transformer parameter: the block index as text ("0".."56") and
+    its part, or the top-level module (x_embedder, time_text_embed, ...) and "-" outside."""
+    for stream, offset in (("transformer_blocks.", 0), ("single_transformer_blocks.", num_double)):
+        if name.startswith(stream):
+            number, inner = name[len(stream) :].split(".", 1)
+            return str(int(number) + offset), block_part(inner)
+    return name.split(".", 1)[0], "-"
+
+
+def check_parts(parts: tuple[str, ...]) -> tuple[str, ...]:
+    """`parts` as a stage gives them: ("all",) or distinct FLUX_PARTS; ValueError otherwise."""
+    if tuple(parts) == ("all",):
+        return FLUX_PARTS
+    unknown = sorted(set(parts) - set(FLUX_PARTS))
+    if not parts or unknown or len(set(parts)) != len(parts):
+        raise ValueError(
+            f"flux_parts must be ['all'] or distinct names from {list(FLUX_PARTS)}, "
+            f"got {list(parts)}"
+        )
+    return tuple(parts)
+
+
+def trainable_parameter_names(
+    transformer: nn.Module, indices: tuple[int, ...], parts: tuple[str, ...] = ("all",)
+) -> list[str]:
+    """Names of the parameters of blocks `indices` in `parts`, in the module's order."""
+    wanted = check_parts(parts)
+    num_double = len(transformer.transformer_blocks)
+    blocks = {str(index) for index in indices}
     prefixes = tuple(block_prefix(transformer, index) for index in indices)
-    return [name for name, _ in transformer.named_parameters() if name.startswith(prefixes)]
+    names = []
+    for name, _ in transformer.named_parameters():
+        if name.startswith(prefixes):
+            block, part = flux_parameter_group(name, num_double=num_double)
+            if block in blocks and part in wanted:
+                names.append(name)
+    return names
 
 
-def select_trainable_blocks(transformer: nn.Module, indices: tuple[int, ...]) -> int:
-    """Freeze every FLUX parameter except blocks `indices`; returns the trainable count."""
-    trainable = set(trainable_parameter_names(transformer, indices))
+def select_trainable_blocks(
+    transformer: nn.Module, indices: tuple[int, ...], parts: tuple[str, ...] = ("all",)
+) -> int:
+    """Freeze every FLUX parameter except `parts` of blocks `indices`; returns the trainable
+    count."""
+    trainable = set(trainable_parameter_names(transformer, indices, parts))
     count = 0
     for name, parameter in transformer.named_parameters():
         parameter.requires_grad_(name in trainable)

@@ -25,6 +25,8 @@
                                                     the released Qwen2vl-Flux folder as a package
     qwenflux export --format release --model URI --out DIR
                                                     a package in the released folder layout
+    qwenflux diff-base URI [--flux DIR] [--qwen2vl DIR] [--json FILE]
+                                                    what a model changed in its bases, per part
     qwenflux show-config --config PRESET           the resolved config, after overrides
     qwenflux plan [--config a100x8] [--set k=v]    memory, FLOPs and days per stage of a preset
 
@@ -87,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         ("show-config", "print the resolved config"),
         ("import-release", "import the released Qwen2vl-Flux folder as a model package"),
         ("export", "write a model in another layout (--format release)"),
+        ("diff-base", "which parameters of a model differ from its base checkpoints"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", default="tiny", help="preset name or TOML path")
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.command in QUIET_COMMANDS:
             return _quietly(config, args)
-        if args.command in ("import-release", "export"):
+        if args.command in ("import-release", "export", "diff-base"):
             return run_release_command(config, args)
         return _generate(config, args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:

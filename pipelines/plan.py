@@ -7,7 +7,8 @@ precision, gradient checkpointing), global batch = workers x `train.micro_batch_
 `train.accumulation_steps`, the checkpoints of `data.encode`, token counts from `data.buckets`,
 `data.encode.image_tokens` and `train.objective`. What training does not say (MFU, a device's
 peak and memory, overhead, prompt lengths) is `[plan]` (PlanConfig). The maths lives in
-`components/training/capacity.py`; this module measures the shapes and prints the plan.
+`components/training/capacity.py`, the shapes are measured by
+`components/training/capacity_measure.py`; this module builds the models and prints the plan.
 
 Shapes come from config.json files only, built on the meta device (no weights): the real hub
 ids (Qwen/Qwen2-VL-7B-Instruct, black-forest-labs/FLUX.1-dev) read the public configs shipped in
@@ -38,17 +39,14 @@ from components.data.buckets import Bucket, BucketConfig, build_buckets
 from components.training.capacity import (
     GIB,
     SECONDS_PER_DAY,
-    BlockShape,
     EncoderTailShape,
     FluxShape,
     MemoryEstimate,
     StagePlan,
     TrainingSetup,
-    decoder_layer_saved_values,
-    flux_double_saved_values,
-    flux_single_saved_values,
     plan_stage,
 )
+from components.training.capacity_measure import encoder_tail_shape, flux_shape
 from components.training.objective import ObjectiveConfig
 from model.flux_stages import num_blocks, trainable_parameter_names
 from model.presets import FLUX_REAL_ID, QWEN2VL_REAL_ID, VAE_SCALE_FACTOR
@@ -61,11 +59,6 @@ FLUX_SUBDIR = "flux1-dev"
 _REFERENCE_SUBDIRS = {QWEN2VL_REAL_ID: QWEN2VL_SUBDIR, FLUX_REAL_ID: FLUX_SUBDIR}
 FLUX_PIXELS_PER_TOKEN_SIDE = VAE_SCALE_FACTOR * 2
 """A FLUX image token is 2x2 packed latents of the /8 VAE: 16x16 pixels."""
-
-# Parameter-name prefixes inside one FLUX block (diffusers 0.42 names): adaLN modulation runs
-# once per sample; in a double block the text stream's weights carry "add_" or "_context".
-_PER_SAMPLE_PREFIXES = ("norm1.linear.", "norm1_context.linear.", "norm.linear.")
-_TEXT_STREAM_MARKERS = ("add_", "_context")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +134,10 @@ def plan_config(config: PipelineConfig, *, preset: str) -> PlanReport:
                 f"train.stages.{number}.flux_blocks: {list(blocks)} outside 0.."
                 f"{num_blocks(transformer) - 1}, the blocks of {_shown(flux_dir)}"
             )
-        planned = plan_stage(flux, tail, setup, blocks, num_steps=stage.num_steps)
-        by_name = sum(sizes[name] for name in trainable_parameter_names(transformer, blocks))
+        parts = None if stage.flux_parts == ("all",) else stage.flux_parts
+        planned = plan_stage(flux, tail, setup, blocks, num_steps=stage.num_steps, parts=parts)
+        names = trainable_parameter_names(transformer, blocks, stage.flux_parts)
+        by_name = sum(sizes[name] for name in names)
         if by_name != planned.trainable_flux_params:
             raise RuntimeError(
                 f"stage {number}: {by_name} trainable by name, "
@@ -241,59 +236,6 @@ def meta_encoder_tail(qwen_dir: Path) -> tuple[Qwen2VLDecoderLayer, Qwen2VLRMSNo
     return layer, norm
 
 
-def flux_shape(transformer: FluxTransformer2DModel) -> FluxShape:
-    """Block shapes measured on a (meta) FLUX transformer."""
-    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    return FluxShape(
-        hidden_size=width,
-        num_double_blocks=len(transformer.transformer_blocks),
-        num_single_blocks=len(transformer.single_transformer_blocks),
-        double_block=block_shape(
-            transformer.transformer_blocks[0], flux_double_saved_values(width), is_double=True
-        ),
-        single_block=block_shape(
-            transformer.single_transformer_blocks[0],
-            flux_single_saved_values(width),
-            is_double=False,
-        ),
-        num_params=_count(transformer),
-    )
-
-
-def encoder_tail_shape(
-    layer: Qwen2VLDecoderLayer, norm: Qwen2VLRMSNorm, *, joint_attention_dim: int
-) -> EncoderTailShape:
-    """Trainable encoder side: the layer, the norm and a Linear(hidden -> joint_attention_dim)."""
-    config = layer.self_attn.config
-    hidden = config.hidden_size
-    return EncoderTailShape(
-        hidden_size=hidden,
-        attention_width=layer.self_attn.q_proj.out_features,
-        layer_params=_count(layer),
-        norm_params=_count(norm),
-        saved_values_per_token=decoder_layer_saved_values(hidden, config.intermediate_size),
-        connector_width=joint_attention_dim,
-    )
-
-
-def block_shape(block: torch.nn.Module, saved: int, *, is_double: bool) -> BlockShape:
-    """Parameters of one FLUX block split by the tokens they run on (per-sample adaLN left out)."""
-    image, text = 0, 0
-    for name, parameter in block.named_parameters():
-        if name.startswith(_PER_SAMPLE_PREFIXES):
-            continue
-        is_text = any(marker in name for marker in _TEXT_STREAM_MARKERS)
-        # A single block runs every weight on every token of the joint sequence.
-        image += parameter.numel() if not (is_double and is_text) else 0
-        text += parameter.numel() if not is_double or is_text else 0
-    return BlockShape(
-        num_params=_count(block),
-        image_token_params=image,
-        text_token_params=text,
-        saved_values_per_token=saved,
-    )
-
-
 def _shown(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd()))
@@ -305,10 +247,6 @@ def _config_folder(folder: Path) -> str:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model config not found: {folder / 'config.json'}")
     return str(folder)
-
-
-def _count(module: torch.nn.Module) -> int:
-    return sum(parameter.numel() for parameter in module.parameters())
 
 
 def _device(report: PlanReport) -> str:
@@ -364,7 +302,7 @@ def _stage_lines(report: PlanReport, stage: StageReport) -> list[str]:
     return [
         "",
         f"stage {stage.number} ({stage.name}, {planned.num_steps:,} steps): FLUX blocks "
-        f"{list(planned.trainable_blocks)}",
+        f"{list(planned.trainable_blocks)}{_parts_shown(planned.trainable_parts)}",
         f"  trainable  {_params(planned.trainable_params)} = FLUX "
         f"{_params(planned.trainable_flux_params)} + connector "
         f"{_params(planned.connector_params)} + Qwen2-VL tail {_params(planned.tail_params)}",
@@ -419,6 +357,10 @@ def _summary_line(report: PlanReport) -> str:
         f"whole run: {steps:,} steps, {_duration(seconds)} at MFU {report.setup.mfu:g}; "
         f"{report.strategy} {verdict} ({report.setup.device_memory_gib:g} GiB)"
     )
+
+
+def _parts_shown(parts: tuple[str, ...] | None) -> str:
+    return "" if parts is None else f", parts {' + '.join(parts)} only"
 
 
 def _flops_unit(flops: float) -> tuple[float, str]:

@@ -71,6 +71,7 @@ class StageTracker:
             )
             self.run_id = run.info.run_id
             self.client.log_param(self.run_id, "flux_blocks", list(stage.flux_blocks))
+            self.client.log_param(self.run_id, "flux_parts", list(stage.flux_parts))
             self.client.log_param(self.run_id, "num_trainable_parameters", num_trainable)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:

@@ -1,9 +1,11 @@
 """Real-scale training planner: per-worker memory, FLOPs per step and run time of one stage.
 
 Pure maths on parameter counts and shapes (no torch, no I/O); the inputs (FluxShape,
-EncoderTailShape, TrainingSetup) live in `components/training/capacity_shapes.py` and
-`pipelines/plan.py` measures them from a preset. Inputs: the shapes, a TrainingSetup, one stage's
-trainable FLUX block indices (0..56) and its step count. Output: a StagePlan.
+EncoderTailShape, TrainingSetup) live in `components/training/capacity_shapes.py`,
+`components/training/capacity_measure.py` measures them on meta-device modules that
+`pipelines/plan.py` builds from a preset. Inputs: the shapes, a TrainingSetup, one stage's
+trainable FLUX block indices (0..56), optionally the parts of them that train (BlockShape.parts),
+and its step count. Output: a StagePlan.
 
 Precision policy (what the trainer does; every figure below assumes it):
 - frozen FLUX weights stay fp32 as loaded (4 B/param): a block frozen now trains in a later
@@ -60,6 +62,7 @@ from components.training.capacity_shapes import (
     BlockShape,
     EncoderTailShape,
     FluxShape,
+    PartShape,
     TrainingSetup,
     backward_path,
     check_block_indices,
@@ -79,6 +82,7 @@ __all__ = [
     "EncoderTailShape",
     "FlopsEstimate",
     "FluxShape",
+    "PartShape",
     "MemoryEstimate",
     "StagePlan",
     "TrainingSetup",
@@ -146,6 +150,8 @@ class StagePlan:
 
     trainable_blocks: tuple[int, ...]
     trainable_flux_params: int
+    trainable_parts: tuple[str, ...] | None = None
+    """The parts of those blocks that train (None: all of each block)."""
     tail_params: int
     """Qwen2-VL last layer + final norm."""
     connector_params: int
@@ -221,12 +227,13 @@ def fsdp_memory(
     *,
     indices: tuple[int, ...],
     activations: float,
+    parts: tuple[str, ...] | None = None,
 ) -> MemoryEstimate:
     """FSDP2 over num_workers: shards of everything, plus the current and the prefetched unit
     gathered at the compute precision, one trainable unit's unsharded grad (bf16 + fp32 reduce
-    buffer under bf16, fp32 alone under fp32) and the root unit (embedders, output head)
-    gathered for the whole step."""
-    trainable_flux = trainable_flux_params(flux, indices)
+    buffer under bf16, fp32 alone under fp32; only the unit's trainable `parts`) and the root
+    unit (embedders, output head) gathered for the whole step."""
+    trainable_flux = trainable_flux_params(flux, indices, parts)
     trainable = trainable_flux + tail.trainable_params
     frozen = flux.num_params - trainable_flux
     shards = setup.num_workers
@@ -237,7 +244,7 @@ def fsdp_memory(
         tail.connector_params,
     )
     largest_trainable = max(
-        max(flux.block(index).num_params for index in indices),
+        max(flux.block(index).trained(parts).num_params for index in indices),
         tail.layer_params,
         tail.connector_params,
     )
@@ -266,13 +273,15 @@ def step_flops(
     *,
     indices: tuple[int, ...],
     path: range,
+    parts: tuple[str, ...] | None = None,
 ) -> FlopsEstimate:
-    """FLOPs of one optimizer step (global batch), split as the module doc says."""
+    """FLOPs of one optimizer step (global batch), split as the module doc says; the weight
+    grads of a trainable block cover only its trainable `parts` (None: all of it)."""
     length = setup.flux_tokens
     attention = 4 * length**2 * flux.hidden_size
 
-    def linear(index: int) -> float:
-        block = flux.block(index)
+    def linear(index: int, trained: tuple[str, ...] | None = None) -> float:
+        block = flux.block(index) if trained is None else flux.block(index).trained(trained)
         return 2 * (
             block.image_token_params * setup.image_tokens
             + block.text_token_params * setup.text_tokens
@@ -280,7 +289,7 @@ def step_flops(
 
     forward = sum(linear(index) + attention for index in range(flux.num_blocks))
     backward_input = sum(linear(index) + 2 * attention for index in path)
-    backward_weight = sum(linear(index) for index in indices)
+    backward_weight = sum(linear(index, parts) for index in indices)
     recompute = (
         sum(linear(index) + attention for index in path) if setup.gradient_checkpointing else 0
     )
@@ -309,20 +318,23 @@ def plan_stage(
     *,
     num_steps: int,
     trains_conditioning: bool = True,
+    parts: tuple[str, ...] | None = None,
 ) -> StagePlan:
-    """Plan one stage of `num_steps` optimizer steps that trains FLUX blocks `indices` (plus the
-    connector and encoder tail when `trains_conditioning`, as every stage of the report does)."""
+    """Plan one stage of `num_steps` optimizer steps that trains `parts` (None: all; the names of
+    the flux shape's BlockShape.parts) of FLUX blocks `indices`, plus the connector and encoder
+    tail when `trains_conditioning`, as every stage of the report does."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     indices = tuple(indices)
     path = backward_path(flux, indices, trains_conditioning=trains_conditioning)
-    trainable_flux = trainable_flux_params(flux, indices)
+    trainable_flux = trainable_flux_params(flux, indices, parts)
     conditioning = tail if trains_conditioning else _frozen_tail(tail)
     activations = activation_bytes(flux, conditioning, setup, path)
-    flops = step_flops(flux, conditioning, setup, indices=indices, path=path)
+    flops = step_flops(flux, conditioning, setup, indices=indices, path=path, parts=parts)
     step_seconds = flops.model / (setup.num_workers * setup.peak_tflops * 1e12 * setup.mfu)
     return StagePlan(
         trainable_blocks=indices,
+        trainable_parts=parts,
         trainable_flux_params=trainable_flux,
         tail_params=conditioning.layer_params + conditioning.norm_params,
         connector_params=conditioning.connector_params,
@@ -330,7 +342,9 @@ def plan_stage(
         ddp=ddp_memory(
             flux, conditioning, setup, trainable_flux=trainable_flux, activations=activations
         ),
-        fsdp=fsdp_memory(flux, conditioning, setup, indices=indices, activations=activations),
+        fsdp=fsdp_memory(
+            flux, conditioning, setup, indices=indices, activations=activations, parts=parts
+        ),
         flops=flops,
         flux_tokens_per_step=setup.global_batch * setup.flux_tokens,
         encoder_tokens_per_step=setup.global_batch * setup.encoder_tokens,

@@ -1,7 +1,8 @@
 """What the training planner plans: model shapes, the run's setup, and block index checks.
 
-Pure data, no torch and no I/O. `pipelines/plan.py` measures FluxShape and EncoderTailShape from
-the checkpoints' config.json files on the meta device and builds a TrainingSetup from a preset;
+Pure data, no torch and no I/O. `components/training/capacity_measure.py` measures FluxShape and
+EncoderTailShape on modules that `pipelines/plan.py` builds on the meta device from the
+checkpoints' config.json files; plan.py also builds a TrainingSetup from a preset;
 `components/training/capacity.py` turns them into memory, FLOPs and time per stage.
 
 Saved-activation counts per token are counted from diffusers 0.42.1's FluxTransformerBlock /
@@ -44,6 +45,17 @@ def decoder_layer_saved_values(hidden_size: int, intermediate_size: int) -> int:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class PartShape:
+    """Parameters of one part of a FLUX block (attention, mlp, ...: model/flux_stages.py's
+    FLUX_PARTS), split like the block's own."""
+
+    name: str
+    num_params: int
+    image_token_params: int
+    text_token_params: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class BlockShape:
     """One FLUX block's parameters, split by how often they run, and its saved activations."""
 
@@ -55,6 +67,29 @@ class BlockShape:
     """Parameters applied to every text token (the text stream, or the whole single block)."""
     saved_values_per_token: int
     """Activation values the forward saves for backward, per token."""
+    parts: tuple[PartShape, ...] = ()
+    """The block split by part (empty when not measured: only whole blocks can be planned)."""
+
+    def trained(self, parts: tuple[str, ...] | None) -> PartShape:
+        """What of the block trains when `parts` of it do (None: the whole block)."""
+        if parts is None:
+            return PartShape(
+                name="all",
+                num_params=self.num_params,
+                image_token_params=self.image_token_params,
+                text_token_params=self.text_token_params,
+            )
+        known = {part.name: part for part in self.parts}
+        missing = sorted(set(parts) - set(known))
+        if missing:
+            raise ValueError(f"block shape has no part {missing[0]!r} (parts: {sorted(known)})")
+        chosen = [known[name] for name in parts]
+        return PartShape(
+            name="+".join(parts),
+            num_params=sum(part.num_params for part in chosen),
+            image_token_params=sum(part.image_token_params for part in chosen),
+            text_token_params=sum(part.text_token_params for part in chosen),
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -186,10 +221,12 @@ def check_block_indices(flux: FluxShape, indices: tuple[int, ...]) -> None:
         raise ValueError(f"duplicate FLUX block index in {indices}")
 
 
-def trainable_flux_params(flux: FluxShape, indices: tuple[int, ...]) -> int:
-    """Parameters of FLUX blocks `indices`."""
+def trainable_flux_params(
+    flux: FluxShape, indices: tuple[int, ...], parts: tuple[str, ...] | None = None
+) -> int:
+    """Parameters of `parts` (None: all) of FLUX blocks `indices`."""
     check_block_indices(flux, indices)
-    return sum(flux.block(index).num_params for index in indices)
+    return sum(flux.block(index).trained(parts).num_params for index in indices)
 
 
 def backward_path(flux: FluxShape, indices: tuple[int, ...], *, trains_conditioning: bool) -> range:

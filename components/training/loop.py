@@ -355,7 +355,7 @@ def configure_stage(
     model: QwenFluxModel, stage: StageConfig
 ) -> list[tuple[str, torch.nn.Parameter]]:
     """Freeze everything but the stage's FLUX blocks, the connector and the encoder tail."""
-    select_trainable_blocks(model.transformer, stage.flux_blocks)
+    select_trainable_blocks(model.transformer, stage.flux_blocks, stage.flux_parts)
     for module in (model.tail, model.connector):
         module.requires_grad_(True)
     return [(name, param) for name, param in model.named_parameters() if param.requires_grad]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.flux_stages import check_parts
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StageConfig:
@@ -22,8 +24,12 @@ class StageConfig:
     """Linear warm-up updates at the start of the stage's trapezoid."""
     decay_steps: int = 0
     """Linear decay updates at the end of the stage's trapezoid."""
+    flux_parts: tuple[str, ...] = ("all",)
+    """Which parts of the listed blocks train (model/flux_stages.py: FLUX_PARTS): ["all"], or
+    e.g. ["attention"] or ["attention", "mlp"]; the rest of those blocks stays frozen."""
 
     def __post_init__(self) -> None:
+        check_parts(self.flux_parts)
         if self.num_steps < 1:
             raise ValueError("num_steps must be >= 1")
         if not self.flux_blocks or len(set(self.flux_blocks)) != len(self.flux_blocks):

@@ -315,7 +315,7 @@ def _block_train_flops(block, name: str, width: int, image_tokens: int, text_tok
     """Model FLOPs of forward + backward (every weight trainable) for one sample, counted as the
     planner counts them (components/training/capacity.py): 6 x token-wise params x tokens,
     12 L^2 D attention."""
-    from pipelines.plan import block_shape
+    from components.training.capacity_measure import block_shape
 
     shape = block_shape(block, 0, is_double=name == "double")
     linear = 6 * (shape.image_token_params * image_tokens + shape.text_token_params * text_tokens)

@@ -159,3 +159,27 @@ def test_resources_and_precision_come_from_the_preset():
     assert setup.compute_bf16 and not fp32.compute_bf16
     small = training_setup(load_config("a100x8", ["data.buckets.max_side_px=512"]))[0]
     assert small.image_tokens == 1024
+
+
+def test_flux_parts_count_only_the_parts_that_train(reference):
+    """The report's stage 1 at full blocks, attention only and attention + MLP: the planner's
+    counts by block shape agree with the names that train (plan_config checks both), and the
+    gradients, AdamW state and weight-grad FLOPs shrink with them."""
+    full = _stages(reference)[1]
+    attention = _stages(plan_preset("a100x8", ['train.stages.1.flux_parts=["attention"]']))[1]
+    report = plan_preset("a100x8", ['train.stages.1.flux_parts=["attention", "mlp"]'])
+    both = _stages(report)[1]
+    assert round(full.trainable_flux_params / 1e9, 3) == 3.115
+    assert round(attention.trainable_flux_params / 1e9, 3) == 0.661
+    assert round(both.trainable_flux_params / 1e9, 3) == 1.794
+    assert attention.trainable_parts == ("attention",) and full.trainable_parts is None
+    for smaller, larger in ((attention, both), (both, full)):
+        assert smaller.fsdp.optimizer < larger.fsdp.optimizer
+        assert smaller.ddp.grads < larger.ddp.grads
+        assert smaller.flops.backward_weight < larger.flops.backward_weight
+        assert smaller.flops.forward == larger.flops.forward
+        assert smaller.backward_blocks == larger.backward_blocks == (0, 56)
+    assert (
+        "FLUX blocks [1, 4, 7, 12, 16, 19, 24, 28, 32, 37, 40, 44, 48, 52, 56], parts "
+        "attention + mlp only" in report.format()
+    )
