@@ -2,7 +2,8 @@
 
 Each process builds the tiny model from the checkpoints, trains the same steps twice (plain with
 gradients all-reduced by hand, as DDP does; then sharded per block with FLUX's own gradient
-checkpointing on) and checks: the losses and the updated weights agree, the gathered weights and
+checkpointing on; the blocks' q/k norms frozen, so each trained unit mixes trainable and frozen
+parameters, as `flux_parts` makes it) and checks: the losses and the updated weights agree, the gathered weights and
 optimizer state of the sharded model equal the plain one's, and loading them into a fresh
 sharded model restores it (the next step's loss is the same).
 """
@@ -21,6 +22,8 @@ pytestmark = pytest.mark.integration
 WORLD = 2
 STEPS = 3
 TRAINED_BLOCKS = (1, 19, 56)
+TRAINED_PARTS = ("attention", "mlp", "output", "modulation")
+"""Every part but the q/k norms: each trained FSDP unit mixes trainable and frozen parameters."""
 
 
 def _free_port() -> int:
@@ -96,7 +99,7 @@ def _stage(model):
     from components.training.optimizer import OptimizerConfig, build_optimizer
     from model.flux_stages import select_trainable_blocks
 
-    select_trainable_blocks(model.transformer, TRAINED_BLOCKS)
+    select_trainable_blocks(model.transformer, TRAINED_BLOCKS, TRAINED_PARTS)
     for module in (model.tail, model.connector):
         module.requires_grad_(True)
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
@@ -194,4 +197,5 @@ def test_fsdp_trains_like_ddp_and_its_state_round_trips(tiny_models_dir):
     assert got["state_names"] == got["plain_state_names"]
     last_block = "transformer.single_transformer_blocks.37."
     assert any(name.startswith(last_block) for name in got["state_names"])
+    assert not any(".attn.norm_" in name for name in got["state_names"])
     assert got["original_next"] == got["restored_next"]
