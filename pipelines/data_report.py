@@ -257,7 +257,7 @@ def _shard_entries(
             for column in range(row_group.num_columns):
                 chunk = row_group.column(column)
                 name = chunk.path_in_schema.split(".")[0]
-                if name in shard_format.REQUIRED_TENSORS + shard_format.OPTIONAL_TENSORS:
+                if name in shard_format.tensor_names(True, has_t5=True):
                     column_bytes[name] += chunk.total_uncompressed_size
         # Chunks never span two lists: the chunk names the shard's source, list and version.
         chunk = chunk_rows[shard_format.shard_chunk_index(path)]

@@ -126,6 +126,9 @@ def state_fingerprint(config: DataConfig) -> str:
     plain = to_plain(config)
     plain.pop("sources")
     plain["resources"].update(num_encoders=1, cpus_per_encoder=1.0, gpus_per_encoder=0.0)
+    if not plain["encode"]["t5_caption"]:
+        # Added (off by default) with shard format 4: runs made before keep their fingerprint.
+        del plain["encode"]["t5_caption"]
     canonical = json.dumps(plain, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -6,7 +6,9 @@ Output per sample (CPU tensors, un-padded), see SampleEncoder.encode for the exa
     the caption chat turn, with the 3-D rope position ids and masks that replay needs
     (model/qwen2vl_tail.py), cast to hidden_dtype (fp8 with per-token absmax scales);
   - the RAW VAE latent (posterior mean or a sample; no scaling_factor/shift_factor applied);
-  - the CLIP-L pooled caption embedding (FLUX's pooled_projections).
+  - the CLIP-L pooled caption embedding (FLUX's pooled_projections);
+  - with `t5_caption`, FLUX's T5 states of the caption (256 tokens, unmasked: the released
+    model's T5 text branch, components/data/t5_states.py), stored like the prefix states.
 Checkpoints are a local directory or a hub id resolved through the local HF cache only.
 """
 
@@ -70,6 +72,9 @@ class EncodeConfig:
     max_caption_tokens: int = 512
     """Captions are cut to this many tokens before encoding (counted); inference caps prompts
     at the same length (infer.requests.max_prompt_tokens)."""
+    t5_caption: bool = False
+    """Also cache FLUX's T5 (text_encoder_2/) states of each caption, 256 x 4096 per sample at
+    real scale (2 MiB in bf16), for training the released model's T5 text branch."""
 
     def __post_init__(self) -> None:
         for name in ("qwen2vl", "flux", "instruction"):
@@ -176,6 +181,11 @@ class SampleEncoder:
         self._prefix_sha256: str | None = None
         self._load_qwen2vl()
         self._load_flux_parts()
+        self.t5 = None
+        if config.t5_caption:
+            from components.data.t5_states import T5PromptEncoder
+
+            self.t5 = T5PromptEncoder(self.flux.path, device=self.device, dtype=self.compute_dtype)
         self._generator = torch.Generator(device=self.device).manual_seed(config.seed)
 
     def _load_qwen2vl(self) -> None:
@@ -219,8 +229,9 @@ class SampleEncoder:
         image_prompt_attention_mask int8 [L], image_prompt_image_mask int8 [L] (1 at
         <|image_pad|>), image_grid_thw int32 [3], caption_prompt_hidden [L2, D],
         caption_prompt_position_ids int32 [3, L2], caption_prompt_attention_mask int8 [L2],
-        clip_pooled float32 [pooled_dim]; hidden states in hidden_dtype, and for float8_e4m3fn
-        also image_prompt_hidden_scale / caption_prompt_hidden_scale float32 [L].
+        clip_pooled float32 [pooled_dim]; with t5_caption, caption_t5_hidden [256, d_model];
+        hidden states in hidden_dtype, and for float8_e4m3fn also image_prompt_hidden_scale /
+        caption_prompt_hidden_scale (/ caption_t5_hidden_scale) float32 [L].
         """
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -244,11 +255,13 @@ class SampleEncoder:
         caption_rows = self._prefix_rows(self.caption_prompt_batch(captions), "caption_prompt")
         latents = self.encode_latents(images)
         pooled = self.encode_clip_pooled(captions)
+        t5_rows = self._t5_rows(captions)
         samples = []
         for index in range(len(images)):
             sample = {"vae_latent": latents[index], "clip_pooled": pooled[index]}
             sample.update(image_rows[index])
             sample.update(caption_rows[index])
+            sample.update(t5_rows[index])
             sample["image_grid_thw"] = image_batch.image_grid_thw_N3[index].to(torch.int32).cpu()
             samples.append(sample)
         return samples
@@ -329,6 +342,19 @@ class SampleEncoder:
             rows.append(row)
         return rows
 
+    def _t5_rows(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        """caption_t5_hidden (+ its scale for fp8) per caption; nothing without t5_caption."""
+        if self.t5 is None:
+            return [{} for _ in captions]
+        rows = []
+        for states_UD in self.t5.encode(captions):
+            stored = encode_hidden(states_UD.cpu(), self.config.hidden_dtype)
+            row = {"caption_t5_hidden": stored["hidden"]}
+            if "scale" in stored:
+                row["caption_t5_hidden_scale"] = stored["scale"]
+            rows.append(row)
+        return rows
+
     def encode_latents(self, images: list[Image.Image]) -> list[torch.Tensor]:
         """RAW VAE latents float32 [16, H/8, W/8]; same-size images go through the VAE together."""
         latents: list[torch.Tensor | None] = [None] * len(images)
@@ -386,6 +412,7 @@ class SampleEncoder:
             "latent_is_raw": True,
             "vae_scaling_factor": float(self.vae.config.scaling_factor),
             "vae_shift_factor": float(self.vae.config.shift_factor or 0.0),
+            "t5_caption": None if self.t5 is None else self.t5.describe(config.flux),
         }
 
 

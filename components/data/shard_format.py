@@ -30,10 +30,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """2: versioned manifests (version, sources, per-shard source list); 3: sources of several
 kinds with sampling weights and per-source counts in the manifest, a `source` per shard entry,
-shard columns `source`, `caption_origin`, `caption_model` and `caption_truncated`."""
+shard columns `source`, `caption_origin`, `caption_model` and `caption_truncated`; 4: the
+optional T5 caption states (`T5_TENSORS`), declared by the manifest's `encoders.t5_caption`."""
+READ_FORMAT_VERSIONS = (3, 4)
+"""Versions this code reads: a version-3 dataset is a version-4 one without T5 caption states."""
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 VERSIONS_DIR = "versions"
@@ -77,6 +80,12 @@ REQUIRED_TENSORS = (
 OPTIONAL_TENSORS = ("image_prompt_hidden_scale", "caption_prompt_hidden_scale")
 """Per-token scales, present only when the hidden states are stored as float8_e4m3fn."""
 
+T5_TENSORS = ("caption_t5_hidden",)
+"""FLUX's T5 states of the caption [256, d_model] in the hidden dtype, present in every row of a
+dataset whose manifest declares `encoders.t5_caption` (data.encode.t5_caption), in none
+otherwise; with float8_e4m3fn storage also `caption_t5_hidden_scale` [256]."""
+T5_SCALE = "caption_t5_hidden_scale"
+
 # Stored through an integer view of the same width: NumPy has no bfloat16 or float8 types.
 _BIT_VIEWS = {
     torch.bfloat16: torch.uint16,
@@ -105,9 +114,18 @@ class ShardFormatError(ValueError):
     """A shard or manifest that does not follow this format version."""
 
 
-def tensor_names(has_scales: bool) -> tuple[str, ...]:
-    """Tensor columns of a shard; scales only in float8 storage mode."""
-    return REQUIRED_TENSORS + (OPTIONAL_TENSORS if has_scales else ())
+def tensor_names(has_scales: bool, has_t5: bool = False) -> tuple[str, ...]:
+    """Tensor columns of a shard; scales only in float8 storage mode, T5 states only in a
+    dataset that declares them."""
+    names = REQUIRED_TENSORS + (OPTIONAL_TENSORS if has_scales else ())
+    if has_t5:
+        names += T5_TENSORS + ((T5_SCALE,) if has_scales else ())
+    return names
+
+
+def has_t5_caption(manifest: dict[str, Any]) -> bool:
+    """Whether a dataset's shards hold T5 caption states (its manifest declares them)."""
+    return bool(manifest.get("encoders", {}).get("t5_caption"))
 
 
 def shard_schema(names: Sequence[str]) -> pa.Schema:
@@ -176,7 +194,9 @@ class ShardWriter:
         if not rows:
             return
         if self._writer is None:
-            self._names = tensor_names("image_prompt_hidden_scale" in rows[0])
+            self._names = tensor_names(
+                "image_prompt_hidden_scale" in rows[0], has_t5="caption_t5_hidden" in rows[0]
+            )
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(
                 self._temp, shard_schema(self._names), compression=self._compression
@@ -240,9 +260,10 @@ def read_shard(path: Path) -> pa.Table:
     except (OSError, pa.ArrowInvalid) as error:
         raise ShardFormatError(f"{path}: unreadable Parquet shard: {error}") from None
     version = (table.schema.metadata or {}).get(b"qwenflux_format_version", b"?").decode()
-    if version != str(FORMAT_VERSION):
+    if version not in {str(known) for known in READ_FORMAT_VERSIONS}:
         raise ShardFormatError(
-            f"{path}: shard format version {version}, this code reads {FORMAT_VERSION}"
+            f"{path}: shard format version {version}, this code reads "
+            f"{' and '.join(map(str, READ_FORMAT_VERSIONS))}"
         )
     return table
 
@@ -319,10 +340,10 @@ def read_manifest(root: Path, version: int | None = None) -> dict[str, Any]:
         ) from None
     except json.JSONDecodeError as error:
         raise ShardFormatError(f"{path}: corrupt manifest: {error}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READ_FORMAT_VERSIONS:
         raise ShardFormatError(
             f"{path}: format version {manifest.get('format_version')}, "
-            f"this code reads {FORMAT_VERSION}"
+            f"this code reads {' and '.join(map(str, READ_FORMAT_VERSIONS))}"
         )
     return manifest
 

@@ -33,6 +33,7 @@ from components.checkpoints import (
     resolve_checkpoint,
     write_staged,
 )
+from components.data.t5_states import T5_FOLDERS
 from components.inference.generator_parts import GeneratorParts, GeneratorSettings
 from components.training.checkpoint_state import STATE_FILE, WEIGHTS_FILE
 from components.training.encoder_tail import load_qwen2vl_tail, qwen2vl_prefix_sha256
@@ -65,7 +66,6 @@ QWEN2VL_AUX_FILES = (
 FLUX_FOLDERS = ("vae", "text_encoder", "tokenizer")
 """FLUX folders the generator reads (every file hashed). transformer/ is shipped in the package;
 text_encoder_2/ and tokenizer_2/ (T5) are read only by the T5 branch (T5_FOLDERS)."""
-T5_FOLDERS = ("text_encoder_2", "tokenizer_2")
 _FLUX_REQUIRED = (
     "transformer/diffusion_pytorch_model",
     "vae/diffusion_pytorch_model",

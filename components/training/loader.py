@@ -208,10 +208,9 @@ def _shard_metadata(path: Path) -> pq.FileMetaData:
     except (OSError, pa.ArrowInvalid) as error:
         raise LoaderError(f"{path}: corrupt or unreadable Parquet shard: {error}") from None
     version = (metadata.metadata or {}).get(b"qwenflux_format_version", b"?").decode()
-    if version != str(shard_format.FORMAT_VERSION):
-        raise LoaderError(
-            f"{path}: shard format version {version}, this code reads {shard_format.FORMAT_VERSION}"
-        )
+    if version not in {str(known) for known in shard_format.READ_FORMAT_VERSIONS}:
+        readable = " and ".join(map(str, shard_format.READ_FORMAT_VERSIONS))
+        raise LoaderError(f"{path}: shard format version {version}, this code reads {readable}")
     return metadata
 
 
@@ -340,7 +339,8 @@ def load_micro_batch(rows: Sequence[RowRef], *, reader: ShardReader) -> dict[str
       for p in image_prompt, caption_prompt: {p}_hidden float32 [B, L, D] (decoded from
       bf16/fp8), {p}_position_ids int64 [3, B, L], {p}_attention_mask int64 [B, L] (right
       padding, ready for replay_last_layer); image_prompt_image_mask bool [B, L];
-      image_grid_thw int64 [B, 3]; sample_key, caption: list[str]; bucket_id: str.
+      image_grid_thw int64 [B, 3]; sample_key, caption: list[str]; bucket_id: str; in a
+      dataset with T5 caption states, caption_t5_hidden float32 [B, 256, d_model].
     """
     if not rows:
         raise LoaderError("load_micro_batch: no rows")
@@ -375,6 +375,13 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch[f"{prompt}_hidden"] = hidden
         batch[f"{prompt}_position_ids"] = position_ids
         batch[f"{prompt}_attention_mask"] = attention_mask
+    has_t5 = {"caption_t5_hidden" in sample for sample in samples}
+    if has_t5 == {True}:
+        batch["caption_t5_hidden"] = torch.stack(
+            [decode_hidden(s["caption_t5_hidden"], s.get(shard_format.T5_SCALE)) for s in samples]
+        )
+    elif len(has_t5) > 1:
+        raise LoaderError("micro-batch mixes rows with and without T5 caption states")
     length = batch["image_prompt_attention_mask"].shape[1]
     batch["image_prompt_image_mask"] = torch.stack(
         [

@@ -25,10 +25,11 @@ def test_manifest_version_and_shard_list_match_the_files(dataset_root, tables):
     assert listed == on_disk and sum(listed.values()) == manifest["counts"]["encoded"] > 0
 
 
-def test_every_shard_has_the_schema_of_its_format_version(tables):
+def test_every_shard_has_the_schema_of_its_format_version(dataset_root, tables):
+    has_t5 = shard_format.has_t5_caption(shard_format.read_manifest(dataset_root))
     for path, table in tables.items():
         has_scales = "image_prompt_hidden_scale" in table.column_names
-        expected = shard_format.shard_schema(shard_format.tensor_names(has_scales))
+        expected = shard_format.shard_schema(shard_format.tensor_names(has_scales, has_t5))
         assert table.schema.equals(expected, check_metadata=False), path
 
 

@@ -2,10 +2,10 @@
 
 Each process builds the tiny model from the checkpoints, trains the same steps twice (plain with
 gradients all-reduced by hand, as DDP does; then sharded per block with FLUX's own gradient
-checkpointing on; the blocks' q/k norms frozen, so each trained unit mixes trainable and frozen
-parameters, as `flux_parts` makes it) and checks: the losses and the updated weights agree, the gathered weights and
+checkpointing on) and checks: the losses and the updated weights agree, the gathered weights and
 optimizer state of the sharded model equal the plain one's, and loading them into a fresh
-sharded model restores it (the next step's loss is the same).
+sharded model restores it (the next step's loss is the same). The blocks' q/k norms stay frozen,
+so each trained unit mixes trainable and frozen parameters, as `flux_parts` makes it.
 """
 
 from __future__ import annotations

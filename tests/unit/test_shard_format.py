@@ -93,3 +93,39 @@ def test_version_mismatch_and_corruption_name_the_file(tmp_path):
     assert shard_format.list_versions(tmp_path) == [1, 2]
     with pytest.raises(shard_format.ShardFormatError, match=r"no dataset version 3 .*\[1, 2\]"):
         shard_format.read_manifest(tmp_path, 3)
+
+
+def test_t5_caption_states_are_columns_only_when_rows_carry_them(tmp_path):
+    plain = shard_format.write_shard(
+        [_row("a", 2)], tmp_path / "a.parquet", max_row_group_bytes=1 << 20
+    )
+    assert "caption_t5_hidden" not in pq.read_schema(plain.path).names
+    row = _row("b", 2) | {"caption_t5_hidden": torch.randn(256, 4).to(torch.bfloat16)}
+    path = tmp_path / "b.parquet"
+    shard_format.write_shard([row], path, max_row_group_bytes=1 << 20)
+    schema = pq.read_schema(path)
+    assert schema.equals(
+        shard_format.shard_schema(shard_format.tensor_names(False, has_t5=True)),
+        check_metadata=False,
+    )
+    (sample,) = shard_format.iter_samples(shard_format.read_shard(path))
+    assert torch.equal(sample["caption_t5_hidden"], row["caption_t5_hidden"])
+    scaled = shard_format.tensor_names(True, has_t5=True)
+    assert scaled[-2:] == ("caption_t5_hidden", "caption_t5_hidden_scale")
+    assert shard_format.has_t5_caption({"encoders": {"t5_caption": {"max_tokens": 256}}})
+    assert not shard_format.has_t5_caption({"encoders": {"t5_caption": None}})
+
+
+def test_format_3_datasets_still_read_and_older_ones_are_refused(tmp_path):
+    path = tmp_path / "part.parquet"
+    shard_format.write_shard([_row("a", 2)], path, max_row_group_bytes=1 << 20)
+    table = pq.read_table(path)
+    pq.write_table(table.replace_schema_metadata({"qwenflux_format_version": "3"}), path)
+    assert shard_format.read_shard(path).num_rows == 1
+    shard_format.write_json_atomic(tmp_path / "manifest.json", {"format_version": 3, "x": 1})
+    assert shard_format.read_manifest(tmp_path)["x"] == 1
+    shard_format.write_json_atomic(tmp_path / "manifest.json", {"format_version": 2})
+    with pytest.raises(
+        shard_format.ShardFormatError, match="format version 2, this code reads 3 and 4"
+    ):
+        shard_format.read_manifest(tmp_path)
