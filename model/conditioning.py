@@ -31,6 +31,10 @@ IMAGE_AND_CAPTION = 2
 UNCONDITIONAL = 3
 """Values of Conditioning.choice_B."""
 
+TEXT_BRANCHES = ("qwen2vl", "t5")
+"""How a model reads a caption or prompt: through Qwen2-VL and the connector, or (the released
+model's way) through FLUX's T5 and a t5_embedder into FLUX's inner width."""
+
 
 class Connector(nn.Linear):
     """Qwen2-VL hidden states -> FLUX encoder_hidden_states (3584 -> 4096; tiny 16 -> 32).
@@ -177,11 +181,12 @@ def flux_conditioning(
     pooled_BP: torch.Tensor,
     guidance: float | None,
     embedded_BUE: torch.Tensor | None = None,
+    embedded_mask_BU: torch.Tensor | None = None,
 ) -> FluxConditioning:
     """The one conditioning builder: padded chosen tokens (encoder width) through the connector,
     with their mask, the CLIP pooled vectors and the guidance value (None: a FLUX without
     guidance embeds); `embedded_BUE`, tokens already in FLUX's inner width (the T5 branch),
-    follow them (see FluxConditioning)."""
+    follow them where `embedded_mask_BU` (None: everywhere) says (see FluxConditioning)."""
     hidden_BTD = connector(hidden_BLD)
     guidance_B = None
     if guidance is not None:
@@ -192,6 +197,7 @@ def flux_conditioning(
         pooled_BP=pooled_BP,
         guidance_B=guidance_B,
         embedded_BUE=embedded_BUE,
+        embedded_mask_BU=embedded_mask_BU,
     )
 
 

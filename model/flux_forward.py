@@ -51,7 +51,9 @@ class FluxConditioning:
     pooled vector; guidance_B: guidance scale per sample (None only without guidance embeds);
     embedded_BUE: text tokens already in FLUX's inner width (the released model's T5 branch:
     t5_embedder(T5 states)), which skip context_embedder and follow context_embedder(hidden_BTD)
-    in the joint sequence, all attended (None: no such tokens).
+    in the joint sequence (None: no such tokens); embedded_mask_BU: bool, True where they are
+    attended (None: all of them, as at inference; training masks them out of samples that are
+    not conditioned on their caption).
     """
 
     hidden_BTD: torch.Tensor
@@ -59,6 +61,7 @@ class FluxConditioning:
     pooled_BP: torch.Tensor
     guidance_B: torch.Tensor | None
     embedded_BUE: torch.Tensor | None = None
+    embedded_mask_BU: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,9 +233,10 @@ def flux_inputs(
     num_text = conditioning.hidden_BTD.shape[1]
     if conditioning.embedded_BUE is not None:
         embedded = conditioning.embedded_BUE.shape[1]
-        text_mask_BT = torch.cat(
-            [text_mask_BT.bool(), text_mask_BT.new_ones(len(text_mask_BT), embedded).bool()], dim=1
-        )
+        embedded_mask_BU = conditioning.embedded_mask_BU
+        if embedded_mask_BU is None:
+            embedded_mask_BU = text_mask_BT.new_ones(len(text_mask_BT), embedded)
+        text_mask_BT = torch.cat([text_mask_BT.bool(), embedded_mask_BU.bool()], dim=1)
         num_text += embedded
     key_mask_B11S = joint_attention_mask(text_mask_BT, num_image_tokens=packed_latents_BLC.shape[1])
     return {

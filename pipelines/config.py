@@ -21,6 +21,7 @@ from components.inference.request_rows import RequestDefaults
 from components.training.objective import ObjectiveConfig
 from components.training.optimizer import GuardConfig, OptimizerConfig
 from components.training.stages import StageConfig
+from model.conditioning import TEXT_BRANCHES
 from pipelines.config_loading import ConfigError, apply_override, build, load_toml
 from pipelines.source_config import DataSourceConfig, SyntheticCorpusConfig, check_sources
 
@@ -166,6 +167,11 @@ class TrainConfig:
     or models:/NAME@ALIAS (resolved when the training starts). Its transformer, Qwen2-VL tail
     and connector are the starting weights; the dataset must have been encoded by the same
     frozen Qwen2-VL prefix (checked by hash). Empty = the bases and a fresh connector."""
+    text_branch: str = "qwen2vl"
+    """How captions condition FLUX: "qwen2vl" (the caption prompt through Qwen2-VL's last layer
+    and the connector) or "t5", the released model's branch (the caption's cached T5 states,
+    data.encode.t5_caption, through a trained t5_embedder; the init package's when it has one).
+    The package the training exports reads prompts the same way."""
     micro_batch_size: int = 1
     """Samples per worker per forward/backward."""
     accumulation_steps: int = 1
@@ -196,6 +202,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1")
         if not self.stages or len({stage.name for stage in self.stages}) != len(self.stages):
             raise ValueError("stages must be a non-empty list with distinct names")
+        if self.text_branch not in TEXT_BRANCHES:
+            raise ValueError(f"text_branch must be one of {list(TEXT_BRANCHES)}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

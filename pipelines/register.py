@@ -155,6 +155,7 @@ def generator_settings(config: PipelineConfig):
         vae_scaling_factor=scaling,
         vae_shift_factor=shift,
         guidance=config.train.objective.guidance,
+        text_branch=config.train.text_branch,
     )
 
 

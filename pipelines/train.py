@@ -127,6 +127,12 @@ def preflight(config: PipelineConfig, root: Path) -> dict:
             f"(revision {qwen.revision_id}); re-encode the data or point data.encode.qwen2vl "
             "at the checkpoint that encoded it"
         )
+    if config.train.text_branch == "t5" and not shard_format.has_t5_caption(manifest):
+        raise DatasetModelMismatchError(
+            f'{root / shard_format.MANIFEST_NAME}: train.text_branch = "t5" trains on the '
+            "captions' T5 states, and this dataset has none: encode it with "
+            "data.encode.t5_caption = true"
+        )
     return manifest
 
 

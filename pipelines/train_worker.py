@@ -44,6 +44,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         seed=config.run.seed,
         device=device,
         init_from=Path(payload["init_package"]) if payload.get("init_package") else None,
+        text_branch=config.train.text_branch,
     )
     settings = loop_config(config, device=device)
     if resources.strategy == "fsdp":

@@ -33,7 +33,10 @@ def run_in_process(config, *, dataset_root: Path, resume=None, publish=None):
     torch.set_num_threads(1)
     device = torch.device("cpu")
     model, convention = load_training_model(
-        config.data.encode, dataset_root=dataset_root, seed=config.run.seed
+        config.data.encode,
+        dataset_root=dataset_root,
+        seed=config.run.seed,
+        text_branch=config.train.text_branch,
     )
     loop = TrainingLoop(
         model,

@@ -10,9 +10,8 @@ from pathlib import Path
 from torch import nn
 
 from components.inference.control import DepthDetector
+from model.conditioning import TEXT_BRANCHES
 from model.latent_codec import LatentCodec
-
-TEXT_BRANCHES = ("qwen2vl", "t5")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

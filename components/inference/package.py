@@ -22,7 +22,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -35,7 +34,13 @@ from components.checkpoints import (
 )
 from components.data.t5_states import T5_FOLDERS
 from components.inference.generator_parts import GeneratorParts, GeneratorSettings
-from components.training.checkpoint_state import STATE_FILE, WEIGHTS_FILE
+from components.inference.package_checkpoint import (
+    PackageError,
+    apply_checkpoint,
+    checkpoint_linear,
+    checkpoint_summary,
+)
+from components.training.checkpoint_state import WEIGHTS_FILE
 from components.training.encoder_tail import load_qwen2vl_tail, qwen2vl_prefix_sha256
 from model.conditioning import Connector
 from model.qwen2vl_tail import Qwen2VLTail
@@ -74,10 +79,6 @@ _FLUX_REQUIRED = (
 )
 
 
-class PackageError(ValueError):
-    """A package or checkpoint that is malformed, incomplete or does not fit its bases."""
-
-
 class PackageIntegrityError(PackageError):
     """A frozen base file the package recorded is missing or has a different sha256."""
 
@@ -97,9 +98,11 @@ def export_package(
 ) -> Path:
     """Apply a training checkpoint to its bases and write a package folder at out_dir.
 
-    `t5_embedder`: a package's t5_embedder.safetensors to carry along (a training that started
-    from an imported release keeps the released T5 embedder, untrained, so the package can be
-    exported to the released layout); the package's text branch stays the settings' own.
+    The T5 embedder: the checkpoint's trained one (`t5_embedder.*`, a training on the T5 text
+    branch), else `t5_embedder`, a package's t5_embedder.safetensors to carry along (a training
+    on the Qwen2-VL branch that started from an imported release keeps the released T5
+    embedder, untrained, so the package can be exported to the released layout); the package's
+    text branch is the settings' own, and "t5" without any T5 embedder is a PackageError.
 
     qwen2vl / flux are the bases as training named them (local dir or hub id in the local HF
     cache). dtype ('float32' or 'bfloat16') is how the trained networks are stored. out_dir must
@@ -120,7 +123,13 @@ def export_package(
     hashes = FileHashCache(out_dir.parent)
     bases = {
         "qwen2vl": base_record(qwen2vl, qwen2vl_revision, qwen_base, qwen2vl_files, hashes),
-        "flux": base_record(flux, flux_revision, flux_base, flux_files, hashes),
+        "flux": base_record(
+            flux,
+            flux_revision,
+            flux_base,
+            lambda root: flux_files(root, text_branch=settings.text_branch),
+            hashes,
+        ),
     }
     hashes.save()
     bases["qwen2vl"]["prefix_sha256"] = qwen2vl_prefix_sha256(qwen_base.path)
@@ -130,7 +139,10 @@ def export_package(
     tail = load_qwen2vl_tail(qwen2vl, revision=qwen2vl_revision)
     connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
     modules = {"transformer": transformer, "tail": tail, "connector": connector}
-    _apply_checkpoint(weights_file, modules)
+    trained_t5 = checkpoint_linear(weights_file, "t5_embedder.")
+    if trained_t5 is not None:
+        modules["t5_embedder"] = trained_t5
+    apply_checkpoint(weights_file, modules)
     if dtype != "float32":
         for module in modules.values():
             module.to(DTYPES[dtype])
@@ -140,14 +152,24 @@ def export_package(
         "connector": {"in_features": connector.in_features, "out_features": connector.out_features},
         "dtype": dtype,
         "lineage": dict(lineage),
-        "checkpoint": _checkpoint_summary(Path(checkpoint_dir)),
+        "checkpoint": checkpoint_summary(Path(checkpoint_dir)),
         "bases": bases,
     }
     carried = None
-    if t5_embedder is not None:
+    if trained_t5 is not None:
+        carried = {
+            k: v.detach().contiguous() for k, v in modules.pop("t5_embedder").state_dict().items()
+        }
+    elif t5_embedder is not None:
         carried = load_file(str(t5_embedder))
+    if carried is not None:
         out_features, in_features = carried["weight"].shape
         manifest["t5_embedder"] = {"in_features": in_features, "out_features": out_features}
+    elif settings.text_branch == "t5":
+        raise PackageError(
+            f"checkpoint {checkpoint_dir}: text_branch 't5' needs a t5_embedder, and neither "
+            "the checkpoint nor the package it started from has one"
+        )
     _write_atomically(out_dir, modules, manifest, t5_embedder=carried)
     return out_dir
 
@@ -315,52 +337,6 @@ def verified_base(package_dir: Path, kind: str, record: dict, hashes: FileHashCa
                 f"the package recorded {recorded}"
             )
     return resolved.path
-
-
-def _apply_checkpoint(weights_file: Path, modules: dict[str, nn.Module]) -> None:
-    """Copy every checkpoint tensor into the parameter of that name (strict names and shapes);
-    the connector has no base, so the checkpoint must hold it whole."""
-    parameters = {
-        f"{prefix}.{name}": param
-        for prefix, module in modules.items()
-        for name, param in module.named_parameters()
-    }
-    with safe_open(weights_file, framework="pt", device="cpu") as weights:
-        names = sorted(weights.keys())
-        unknown = [name for name in names if name not in parameters]
-        if unknown:
-            raise PackageError(
-                f"checkpoint {weights_file}: tensor {unknown[0]!r} is not a parameter of the "
-                f"model built from the bases ({len(unknown)} unknown)"
-            )
-        connector = sorted(f"connector.{key}" for key, _ in modules["connector"].named_parameters())
-        missing = [name for name in connector if name not in names]
-        if missing:
-            raise PackageError(
-                f"checkpoint {weights_file} lacks the connector ({', '.join(missing)}): "
-                "not a training checkpoint of this model"
-            )
-        with torch.no_grad():
-            for name in names:
-                tensor, param = weights.get_tensor(name), parameters[name]
-                if tuple(tensor.shape) != tuple(param.shape):
-                    raise PackageError(
-                        f"checkpoint {weights_file}: tensor {name!r} has shape "
-                        f"{tuple(tensor.shape)}, the model built from the bases has "
-                        f"{tuple(param.shape)}"
-                    )
-                param.copy_(tensor)
-
-
-def _checkpoint_summary(checkpoint_dir: Path) -> dict:
-    summary: dict = {"path": str(checkpoint_dir.absolute())}
-    state_file = checkpoint_dir / STATE_FILE
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        for key in ("format", "stage_index", "next_step"):
-            if key in state:
-                summary[key] = state[key]
-    return summary
 
 
 def tail_state(tail: nn.Module) -> dict[str, torch.Tensor]:

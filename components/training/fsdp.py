@@ -1,13 +1,13 @@
 """FSDP2 for the trained model, and moving its state between workers and checkpoints.
 
-`shard_model` wraps every FLUX block, the Qwen2-VL tail and the connector as one FSDP2 unit each
-(`torch.distributed.fsdp.fully_shard`), and the FLUX transformer as the unit of what is left
-(embedders, output head). The step calls tail, connector and transformer in turn: each is an
-FSDP root. Every parameter becomes a DTensor sharded on dim 0 over the workers; a unit is
-all-gathered just before its forward / backward and freed after, so a worker holds 1/N of the
-weights, gradients and AdamW states plus about one unit in full. With `compute_bf16` the
-all-gathers run in bf16 and gradients are reduce-scattered in fp32 (MixedPrecisionPolicy); the
-sharded masters stay fp32.
+`shard_model` wraps every FLUX block, the Qwen2-VL tail, the connector (and on the T5 text branch
+the t5_embedder) as one FSDP2 unit each (`torch.distributed.fsdp.fully_shard`), and the FLUX
+transformer as the unit of what is left (embedders, output head). The step calls tail, connector
+(t5_embedder) and transformer in turn: each is an FSDP root. Every parameter becomes a DTensor
+sharded on dim 0 over the workers; a unit is all-gathered just before its forward / backward and
+freed after, so a worker holds 1/N of the weights, gradients and AdamW states plus about one unit in
+full. With `compute_bf16` the all-gathers run in bf16 and gradients are reduce-scattered in fp32
+(MixedPrecisionPolicy); the sharded masters stay fp32.
 
 The same functions serve an unsharded (DDP-style) model, so checkpoints have one format whatever
 the strategy: full tensors by parameter name, and the optimizer state keyed by parameter name.
@@ -42,7 +42,10 @@ def shard_model(model: QwenFluxModel, *, device: torch.device, compute_bf16: boo
     )
     for index in range(num_blocks(model.transformer)):
         fully_shard(flux_block(model.transformer, index), mesh=mesh, mp_policy=policy)
-    for unit in (model.transformer, model.tail, model.connector):
+    units = [model.transformer, model.tail, model.connector]
+    if model.t5_embedder is not None:
+        units.append(model.t5_embedder)
+    for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
 
 

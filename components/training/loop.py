@@ -354,9 +354,10 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def configure_stage(
     model: QwenFluxModel, stage: StageConfig
 ) -> list[tuple[str, torch.nn.Parameter]]:
-    """Freeze everything but the stage's FLUX blocks, the connector and the encoder tail."""
+    """Freeze everything but the stage's FLUX blocks (their `flux_parts`), the connector, the
+    encoder tail and, on the T5 branch, the t5_embedder."""
     select_trainable_blocks(model.transformer, stage.flux_blocks, stage.flux_parts)
-    for module in (model.tail, model.connector):
+    for module in conditioning_modules(model):
         module.requires_grad_(True)
     return [(name, param) for name, param in model.named_parameters() if param.requires_grad]
 
@@ -365,7 +366,14 @@ def touched_prefixes(model: QwenFluxModel, stages, stage_index: int) -> tuple[st
     """Parameter-name prefixes of everything trained in stages 0..stage_index."""
     blocks = sorted({block for stage in stages[: stage_index + 1] for block in stage.flux_blocks})
     flux = tuple(f"transformer.{block_prefix(model.transformer, block)}" for block in blocks)
-    return ("tail.", "connector.", *flux)
+    t5 = ("t5_embedder.",) if model.t5_embedder is not None else ()
+    return ("tail.", "connector.", *t5, *flux)
+
+
+def conditioning_modules(model: QwenFluxModel) -> list[torch.nn.Module]:
+    """What trains in every stage: the encoder tail, the connector, the T5 branch's embedder."""
+    modules = [model.tail, model.connector]
+    return modules if model.t5_embedder is None else [*modules, model.t5_embedder]
 
 
 def _count(parameters) -> int:

@@ -18,17 +18,25 @@ from components.data import shard_format
 from components.data.encode import EncodeConfig, clip_pooled
 from components.training.encoder_tail import load_qwen2vl_tail
 from components.training.objective import LatentConvention, QwenFluxModel
-from model.conditioning import Connector
+from model.conditioning import TEXT_BRANCHES, Connector
 from model.latent_codec import LatentCodec
 
 
 def load_modules(
-    encode: EncodeConfig, *, seed: int, init_from: Path | None = None
+    encode: EncodeConfig,
+    *,
+    seed: int,
+    init_from: Path | None = None,
+    text_branch: str = "qwen2vl",
 ) -> QwenFluxModel:
     """The one assembly of the Qwen2VL-Flux modules from the configured bases: base FLUX
     transformer, Qwen2-VL's last layer + norm, a connector drawn from `seed` (on the CPU). With
     `init_from` (a model package folder), the package's transformer, tail and connector instead,
-    in float32 (names and shapes checked strictly)."""
+    in float32 (names and shapes checked strictly). With text_branch "t5", also the
+    t5_embedder: the init package's when it has one, else a fresh Linear(T5 width -> FLUX's
+    inner width) drawn after the connector."""
+    if text_branch not in TEXT_BRANCHES:
+        raise ValueError(f"text_branch must be one of {TEXT_BRANCHES}, got {text_branch!r}")
     from diffusers import FluxTransformer2DModel
 
     if init_from is not None:
@@ -41,9 +49,35 @@ def load_modules(
     tail = load_qwen2vl_tail(encode.qwen2vl, revision=encode.qwen2vl_revision)
     torch.manual_seed(seed)
     connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
+    t5_embedder = None
+    if text_branch == "t5":
+        t5_embedder = _t5_embedder(encode, transformer, init_from)
     if init_from is not None:
         _load_package_weights(Path(init_from), tail=tail, connector=connector)
-    return QwenFluxModel(tail, connector, transformer)
+    return QwenFluxModel(tail, connector, transformer, t5_embedder)
+
+
+def _t5_embedder(encode: EncodeConfig, transformer, init_from: Path | None) -> torch.nn.Linear:
+    """Linear(T5 d_model -> FLUX inner width): the init package's, or fresh (the global seed)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from components.inference.package import T5_EMBEDDER_FILE
+
+    config = transformer.config
+    inner = int(config.num_attention_heads * config.attention_head_dim)
+    t5_config = _flux_checkpoint(encode).path / "text_encoder_2" / "config.json"
+    if not t5_config.is_file():
+        raise FileNotFoundError(
+            f"{t5_config} is missing: the T5 text branch needs FLUX.1-dev's T5 (text_encoder_2/)"
+        )
+    embedder = torch.nn.Linear(int(json.loads(t5_config.read_text())["d_model"]), inner)
+    carried = None if init_from is None else Path(init_from) / T5_EMBEDDER_FILE
+    if carried is not None and carried.is_file():
+        state = {key: value.float() for key, value in load_file(str(carried)).items()}
+        embedder.load_state_dict(state, strict=True)
+    return embedder
 
 
 def _load_package_weights(package: Path, *, tail, connector: Connector) -> None:
@@ -81,10 +115,11 @@ def load_training_model(
     seed: int,
     device: torch.device | str = "cpu",
     init_from: Path | None = None,
+    text_branch: str = "qwen2vl",
 ) -> tuple[QwenFluxModel, LatentConvention]:
     """The start of a training (on the CPU: the bases, or the `init_from` package) and its
     convention (`device`)."""
-    model = load_modules(encode, seed=seed, init_from=init_from)
+    model = load_modules(encode, seed=seed, init_from=init_from, text_branch=text_branch)
     return model, latent_convention(encode, dataset_root=dataset_root, device=device)
 
 

@@ -98,28 +98,44 @@ class LatentConvention:
 
 
 class QwenFluxModel(nn.Module):
-    """The trained parts together: encoder tail, connector, FLUX transformer."""
+    """The trained parts together: encoder tail, connector, FLUX transformer, and for the
+    released model's T5 text branch the t5_embedder (T5 width -> FLUX's inner width), which
+    makes the caption's FLUX tokens from its cached T5 states instead of the connector."""
 
-    def __init__(self, tail: Qwen2VLTail, connector: Connector, transformer: nn.Module) -> None:
+    def __init__(
+        self,
+        tail: Qwen2VLTail,
+        connector: Connector,
+        transformer: nn.Module,
+        t5_embedder: nn.Linear | None = None,
+    ) -> None:
         super().__init__()
         self.tail = tail
         self.connector = connector
         self.transformer = transformer
+        self.t5_embedder = t5_embedder
+
+    @property
+    def text_branch(self) -> str:
+        return "qwen2vl" if self.t5_embedder is None else "t5"
 
 
 def condition_tokens(model: QwenFluxModel, batch: dict[str, Any]) -> tuple[list, list]:
-    """Replay the last layer on both cached prompts: per-sample image and caption token states."""
+    """Replay the last layer on the cached prompts: per-sample image and caption token states
+    (the T5 branch reads its caption from T5 states, so its caption tokens are empty here)."""
     image_BLD = model.tail(
         batch["image_prompt_hidden"],
         batch["image_prompt_position_ids"],
         batch["image_prompt_attention_mask"],
     )
+    image_tokens = image_token_states(image_BLD, image_mask_BL=batch["image_prompt_image_mask"])
+    if model.t5_embedder is not None:
+        return image_tokens, [tokens[:0] for tokens in image_tokens]
     caption_BLD = model.tail(
         batch["caption_prompt_hidden"],
         batch["caption_prompt_position_ids"],
         batch["caption_prompt_attention_mask"],
     )
-    image_tokens = image_token_states(image_BLD, image_mask_BL=batch["image_prompt_image_mask"])
     caption_tokens = real_token_states(
         caption_BLD, attention_mask_BL=batch["caption_prompt_attention_mask"]
     )
@@ -149,24 +165,13 @@ def flow_matching_step_loss(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Rectified-flow loss of one micro-batch (one bucket), all draws from `generator`."""
-    image_tokens, caption_tokens = condition_tokens(model, batch)
-    conditioning = assemble_conditioning(
-        image_tokens,
-        caption_tokens_LD=caption_tokens,
-        probabilities=objective.probabilities,
-        drop_rate=objective.drop_rate,
-        generator=generator,
+    chosen = step_conditioning(
+        model, batch, objective=objective, convention=convention, generator=generator
     )
     device = batch["vae_latent"].device
-    # Draws happen on the CPU generator (identical on any device), then move.
-    uses_caption = (
-        (conditioning.choice_B == CAPTION_ONLY) | (conditioning.choice_B == IMAGE_AND_CAPTION)
-    ).to(device)
-    pooled_BP = torch.where(
-        uses_caption[:, None], batch["clip_pooled"], convention.empty_pooled_P[None, :]
-    )
     packed = PackedLatents.from_raw(batch["vae_latent"], convention)
     batch_size, num_tokens = packed.data_BLC.shape[:2]
+    # Draws happen on the CPU generator (identical on any device), then move.
     sigmas_B = sample_sigmas(
         batch_size,
         mu=resolution_shift_mu(num_tokens),
@@ -176,14 +181,68 @@ def flow_matching_step_loss(
     )
     sigmas_B = sigmas_B.to(device)
     noise_BLC = torch.randn(packed.data_BLC.shape, generator=generator).to(device)
-    chosen = flux_conditioning(
+    return velocity_loss(model, packed, noise_BLC=noise_BLC, sigmas_B=sigmas_B, conditioning=chosen)
+
+
+def step_conditioning(
+    model: QwenFluxModel,
+    batch: dict[str, Any],
+    *,
+    objective: ObjectiveConfig,
+    convention: LatentConvention,
+    generator: torch.Generator,
+) -> FluxConditioning:
+    """What each sample of a micro-batch is conditioned on (drawn from `generator` first):
+    image tokens, caption tokens, both or nothing, through the connector, with the caption's CLIP
+    pooled vector where the caption conditions. On the T5 branch the caption comes as
+    t5_embedder(its T5 states) after the image tokens, and the pooled vector is always the empty
+    prompt's, as the released model reads a prompt."""
+    image_tokens, caption_tokens = condition_tokens(model, batch)
+    conditioning = assemble_conditioning(
+        image_tokens,
+        caption_tokens_LD=caption_tokens,
+        probabilities=objective.probabilities,
+        drop_rate=objective.drop_rate,
+        generator=generator,
+    )
+    device = batch["vae_latent"].device
+    uses_caption = (
+        (conditioning.choice_B == CAPTION_ONLY) | (conditioning.choice_B == IMAGE_AND_CAPTION)
+    ).to(device)
+    embedded_BUE, embedded_mask_BU = t5_caption_tokens(model, batch, uses_caption_B=uses_caption)
+    pooled_BP = torch.where(
+        uses_caption[:, None] & (embedded_BUE is None),
+        batch["clip_pooled"],
+        convention.empty_pooled_P[None, :],
+    )
+    return flux_conditioning(
         model.connector,
         conditioning.hidden_BLD,
         conditioning.mask_BL,
         pooled_BP=pooled_BP,
         guidance=objective.guidance,
+        embedded_BUE=embedded_BUE,
+        embedded_mask_BU=embedded_mask_BU,
     )
-    return velocity_loss(model, packed, noise_BLC=noise_BLC, sigmas_B=sigmas_B, conditioning=chosen)
+
+
+def t5_caption_tokens(
+    model: QwenFluxModel, batch: dict[str, Any], *, uses_caption_B: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The T5 branch's caption tokens: t5_embedder(cached T5 states) [B, U, E] in FLUX's inner
+    width, attended only in samples conditioned on their caption (mask [B, U]); (None, None) on
+    the Qwen2-VL branch."""
+    if model.t5_embedder is None:
+        return None, None
+    if "caption_t5_hidden" not in batch:
+        raise KeyError(
+            "the T5 text branch trains on T5 caption states, and this batch has none "
+            "(encode the dataset with data.encode.t5_caption = true)"
+        )
+    states_BUD = batch["caption_t5_hidden"]
+    embedded_BUE = model.t5_embedder(states_BUD.to(model.t5_embedder.weight.dtype))
+    mask_BU = uses_caption_B[:, None].expand(states_BUD.shape[:2])
+    return embedded_BUE, mask_BU
 
 
 def velocity_loss(

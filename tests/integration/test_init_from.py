@@ -1,7 +1,9 @@
-"""train.init_from on the imported tiny release: the training starts at the imported weights
-(its loss on the held-out rows is the imported model's, bit for bit), trains, and registers a
-version whose lineage names the import and which exports to the released layout; shards encoded
-by another Qwen2-VL prefix are refused before anything starts."""
+"""train.init_from on the imported tiny release, on the released model's T5 text branch
+(train.text_branch = "t5", captions' T5 states cached by data.encode.t5_caption): the training
+starts at the imported weights (its loss on the held-out rows is the imported model's, bit for
+bit), trains the t5_embedder with the rest, and registers a T5-branch version whose lineage
+names the import, which generates from a prompt and exports to the released layout; shards
+encoded by another Qwen2-VL prefix, or without T5 states, are refused before anything starts."""
 
 from pathlib import Path
 
@@ -11,16 +13,23 @@ from conftest import tiny_config
 from mlflow.tracking import MlflowClient
 from release_fixture import build_tiny_release
 
-from components.inference.package import T5_EMBEDDER_FILE, load_package
+from components.inference.generator import Generator
+from components.inference.package import load_package
 from components.inference.release_package import export_release, import_release
+from components.inference.request_schema import GenerationRequest
 from components.training.loop import LoopData
 from components.training.model_loading import latent_convention, load_training_model
-from components.training.objective import QwenFluxModel, validation_losses
+from components.training.objective import (
+    ObjectiveConfig,
+    QwenFluxModel,
+    step_conditioning,
+    validation_losses,
+)
 from pipelines.config import load_config
 from pipelines.data import run_data
 from pipelines.init_from import InitFromMismatchError
 from pipelines.register import gate_inputs, run_registration
-from pipelines.train import run_training
+from pipelines.train import DatasetModelMismatchError, run_training
 from pipelines.train_tracking import tracking_uri
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,6 +49,8 @@ def from_release(tmp_path_factory, tiny_models_dir, ray_local):
         "data.resources.chunk_size=16",
         f"data.encode.qwen2vl={source / 'qwen2-vl'}",
         f"train.init_from={package}",
+        "train.text_branch=t5",
+        "data.encode.t5_caption=true",
         "registry.min_improvement=0.0",
     )
     run_data(config, show_progress=False)
@@ -84,10 +95,17 @@ def test_training_from_the_import_registers_a_version_naming_it(from_release, tm
     )
     assert version.tags["init_from"] == str(package)
     assert version.tags["init_from_imported"] == str(source.absolute())
-    # The released T5 embedder rides along, so the fine-tune exports to the released layout.
-    assert (result.package_dir / T5_EMBEDDER_FILE).is_file()
+    # The T5 embedder trained from the released one; the fine-tune reads prompts through it.
+    tuned = load_package(result.package_dir)
+    assert tuned.settings.text_branch == "t5"
+    assert not torch.equal(tuned.t5_embedder.weight, imported.t5_embedder.weight.float())
+    image = Generator(tuned).generate(
+        GenerationRequest(mode="text", prompt="a red square", width=32, height=32, steps=2)
+    )
+    assert image.size == (32, 32)
     exported = export_release(result.package_dir, tmp_path / "exported")
-    assert (exported / "qwen2-vl" / "t5_embedder.pt").is_file()
+    released = torch.load(exported / "qwen2-vl" / "t5_embedder.pt", weights_only=True)
+    assert torch.equal(released["weight"].float(), tuned.t5_embedder.weight.float())
 
 
 def test_shards_from_another_prefix_are_refused(from_release, tiny_data_run):
@@ -103,4 +121,59 @@ def test_shards_from_another_prefix_are_refused(from_release, tiny_data_run):
         ],
     )
     with pytest.raises(InitFromMismatchError, match="was trained on the Qwen2-VL prefix of"):
+        run_training(config)
+
+
+def test_each_sample_reads_its_caption_through_t5_after_the_image_tokens(from_release):
+    """On the T5 branch a sample conditioned on its caption attends all 256 T5 tokens (after the
+    connector's image tokens, or alone), one that is not attends none; CLIP gets the empty
+    prompt's vector."""
+    config, package, _ = from_release
+    root = Path(config.run.root) / "data"
+    model, convention = load_training_model(
+        config.data.encode,
+        dataset_root=root,
+        seed=config.run.seed,
+        init_from=package,
+        text_branch="t5",
+    )
+    batch = LoopData.from_dataset(root, num_validation_samples=2, device="cpu").validation_batch
+    expected = {"image": (True, False), "caption": (False, True), "both": (True, True)}
+    for share, (image_part, caption_part) in expected.items():
+        objective = ObjectiveConfig(
+            image_only_probability=float(share == "image"),
+            caption_only_probability=float(share == "caption"),
+            image_and_caption_probability=float(share == "both"),
+            drop_rate=0.0,
+        )
+        with torch.no_grad():
+            chosen = step_conditioning(
+                model,
+                batch,
+                objective=objective,
+                convention=convention,
+                generator=torch.Generator().manual_seed(0),
+            )
+        assert chosen.mask_BT.any(dim=1).tolist() == [image_part] * 2, share
+        assert chosen.embedded_mask_BU.shape == (2, 256)
+        assert chosen.embedded_mask_BU.all(dim=1).tolist() == [caption_part] * 2, share
+        assert chosen.embedded_mask_BU.any(dim=1).tolist() == [caption_part] * 2, share
+        assert torch.equal(chosen.pooled_BP, convention.empty_pooled_P.expand(2, -1))
+        with torch.no_grad():
+            states = model.t5_embedder(batch["caption_t5_hidden"])
+        assert torch.equal(chosen.embedded_BUE, states)
+
+
+def test_the_t5_branch_needs_t5_caption_states(tiny_data_run):
+    data_config, _ = tiny_data_run  # encoded without data.encode.t5_caption
+    config = load_config(
+        "tiny",
+        [
+            f"run.root={data_config.run.root}",
+            f"data.encode.qwen2vl={data_config.data.encode.qwen2vl}",
+            f"data.encode.flux={data_config.data.encode.flux}",
+            "train.text_branch=t5",
+        ],
+    )
+    with pytest.raises(DatasetModelMismatchError, match="encode it with data.encode.t5_caption"):
         run_training(config)

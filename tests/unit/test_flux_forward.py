@@ -180,3 +180,39 @@ def test_gradient_checkpointing_gives_the_same_gradients(two_block_transformer):
     assert plain.keys() == checkpointed.keys()
     for name, gradient in plain.items():
         torch.testing.assert_close(checkpointed[name], gradient, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@torch.no_grad()
+def test_masked_embedded_tokens_are_as_if_absent(transformer):
+    """The T5 branch's tokens (already in FLUX's inner width) join the joint sequence after the
+    connector's; masked out of a sample, that sample's result is the one without them, and a
+    sample that attends them all matches inference, where they carry no mask."""
+    latents_BLC, text_LD, pooled_BP, sigmas_B = _inputs([3, 3], seed=3)
+    hidden_BTD, mask_BT = pad_tokens(text_LD)
+    config = transformer.config
+    inner = config.num_attention_heads * config.attention_head_dim
+    embedded_BUE = torch.randn(2, 4, inner, generator=torch.Generator().manual_seed(4))
+    ids_L3 = latent_image_ids(4, width_latent=6)
+
+    def run(rows, embedded, embedded_mask):
+        conditioning = FluxConditioning(
+            hidden_BTD=hidden_BTD[rows],
+            mask_BT=mask_BT[rows],
+            pooled_BP=pooled_BP[rows],
+            guidance_B=torch.full((len(rows),), 3.5),
+            embedded_BUE=None if embedded is None else embedded[rows],
+            embedded_mask_BU=embedded_mask,
+        )
+        return predict_velocity(
+            transformer,
+            latents_BLC[rows],
+            image_ids_L3=ids_L3,
+            sigmas_B=sigmas_B[rows],
+            conditioning=conditioning,
+        )
+
+    mask_BU = torch.tensor([[True] * 4, [False] * 4])
+    batched = run([0, 1], embedded_BUE, mask_BU)
+    torch.testing.assert_close(batched[0], run([0], embedded_BUE, None)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched[1], run([1], None, None)[0], atol=1e-5, rtol=0)
+    assert (batched[0] - run([0], None, None)[0]).abs().max() > 1e-3

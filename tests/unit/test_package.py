@@ -1,6 +1,7 @@
 """Model package: export from a training checkpoint, load back bit-exact, verify the frozen bases,
 and fail clearly (and atomically) on bad checkpoints, packages and bases."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -277,3 +278,41 @@ def test_failure_while_writing_leaves_nothing_behind(exported, bases, tmp_path, 
     _assert_nothing_written(out_dir)
     with pytest.raises(FileExistsError):
         export(bases, exported[1], exported[2])
+
+
+def _t5_linear(bases: TinyModelPaths, seed: int) -> torch.nn.Linear:
+    """A Linear(tiny T5 width -> tiny FLUX inner width) with seeded weights."""
+    t5_width = json.loads((bases.flux / "text_encoder_2" / "config.json").read_text())["d_model"]
+    config = json.loads((bases.flux / "transformer" / "config.json").read_text())
+    torch.manual_seed(seed)
+    return torch.nn.Linear(t5_width, config["num_attention_heads"] * config["attention_head_dim"])
+
+
+def test_the_t5_embedder_comes_from_the_checkpoint_or_rides_along(exported, bases, tmp_path):
+    """A T5-branch training checkpoint holds its trained t5_embedder and the package stores it;
+    a Qwen2-VL-branch one started from a release carries the given file; a T5-branch package
+    without any is refused, writing nothing."""
+    model, checkpoint, _ = exported
+    trained = _t5_linear(bases, seed=5)
+    folder = write_checkpoint(model, tmp_path / "t5_checkpoint")
+    weights = folder / "weights.safetensors"
+    state = {name: param.detach().contiguous() for name, param in model.named_parameters()}
+    kept = {name: state[name] for name in state if name.startswith(TRAINED_PREFIXES)}
+    save_file(kept | {f"t5_embedder.{k}": v for k, v in trained.state_dict().items()}, str(weights))
+    t5_settings = dataclasses.replace(SETTINGS, text_branch="t5")
+    package = export(bases, folder, tmp_path / "pkg_t5", settings=t5_settings)
+    parts = load_package(package)
+    assert torch.equal(parts.t5_embedder.weight, trained.weight)
+    recorded = json.loads((package / "package.json").read_text())["bases"]["flux"]["files"]
+    assert any(path.startswith("text_encoder_2/") for path in recorded)
+
+    carried_file = tmp_path / "carried.safetensors"
+    carried = _t5_linear(bases, seed=6)
+    save_file({k: v.contiguous() for k, v in carried.state_dict().items()}, str(carried_file))
+    package = export(bases, checkpoint, tmp_path / "pkg_carried", t5_embedder=carried_file)
+    stored = package_module.load_file(str(package / package_module.T5_EMBEDDER_FILE))
+    assert torch.equal(stored["weight"], carried.weight)
+
+    with pytest.raises(PackageError, match="text_branch 't5' needs a t5_embedder"):
+        export(bases, checkpoint, tmp_path / "pkg_none", settings=t5_settings)
+    _assert_nothing_written(tmp_path / "pkg_none")
