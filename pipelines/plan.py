@@ -26,6 +26,7 @@ the image and the caption prompt (as the trainer does).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ from components.training.capacity import (
 from components.training.capacity_measure import encoder_tail_shape, flux_shape
 from components.training.objective import ObjectiveConfig
 from model.flux_stages import num_blocks, trainable_parameter_names
-from model.presets import FLUX_REAL_ID, QWEN2VL_REAL_ID, VAE_SCALE_FACTOR
+from model.presets import FLUX_REAL_ID, QWEN2VL_REAL_ID, T5_MAX_TOKENS, VAE_SCALE_FACTOR
 from pipelines.config import PipelineConfig, load_config, preset_path
 from pipelines.config_loading import ConfigError
 
@@ -122,7 +123,10 @@ def plan_config(config: PipelineConfig, *, preset: str) -> PlanReport:
     flux = flux_shape(transformer)
     layer, norm = meta_encoder_tail(qwen_dir)
     tail = encoder_tail_shape(
-        layer, norm, joint_attention_dim=transformer.config.joint_attention_dim
+        layer,
+        norm,
+        joint_attention_dim=transformer.config.joint_attention_dim,
+        t5_embedder_params=_t5_embedder_params(config, flux_dir, transformer),
     )
     setup, bucket, note = training_setup(config)
     sizes = {name: parameter.numel() for name, parameter in transformer.named_parameters()}
@@ -167,13 +171,23 @@ def training_setup(config: PipelineConfig) -> tuple[TrainingSetup, Bucket, str]:
     conditioning = config.data.encode.image_tokens
     caption = plan.caption_prompt_tokens
     text_tokens, note = flux_text_tokens(train.objective, image=conditioning, caption=caption)
+    prompts, t5_tokens = (conditioning + plan.image_prompt_extra_tokens, caption), 0
+    if train.text_branch == "t5":
+        # The caption comes as T5 tokens appended to every sample (masked where unused); the
+        # Qwen2-VL layer replays the image prompt alone.
+        t5_tokens = T5_MAX_TOKENS
+        image_part = conditioning if train.objective.drop_rate < 1 else 1
+        text_tokens = image_part + t5_tokens
+        note = f"{image_part} image + {t5_tokens} T5 caption tokens"
+        prompts = prompts[:1]
     setup = TrainingSetup(
         num_workers=resources.num_workers,
         micro_batch=train.micro_batch_size,
         grad_accum=train.accumulation_steps,
         image_tokens=image_tokens,
         text_tokens=text_tokens,
-        encoder_prompt_tokens=(conditioning + plan.image_prompt_extra_tokens, caption),
+        t5_tokens=t5_tokens,
+        encoder_prompt_tokens=prompts,
         compute_bf16=resources.computes_in_bf16(on_gpu=resources.gpus_per_worker > 0),
         gradient_checkpointing=resources.gradient_checkpointing,
         mfu=plan.mfu,
@@ -236,6 +250,22 @@ def meta_encoder_tail(qwen_dir: Path) -> tuple[Qwen2VLDecoderLayer, Qwen2VLRMSNo
     return layer, norm
 
 
+def _t5_embedder_params(config: PipelineConfig, flux_dir: Path, transformer) -> int:
+    """Linear(T5 width -> FLUX inner width) on the T5 branch (its width from
+    `<flux>/text_encoder_2/config.json`), else 0."""
+    if config.train.text_branch != "t5":
+        return 0
+    path = flux_dir / "text_encoder_2" / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"train.text_branch: {_shown(flux_dir)} has no text_encoder_2/config.json, the T5 "
+            "encoder the T5 branch reads"
+        )
+    width = int(json.loads(path.read_text())["d_model"])
+    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    return width * inner + inner
+
+
 def _shown(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd()))
@@ -259,7 +289,11 @@ def _header_lines(report: PlanReport) -> list[str]:
     device, run = _device(report), report.config.run.name
     gpus = report.config.train.resources.gpus_per_worker
     share = f" ({gpus:g} GPU each)" if device == "worker" else ""
-    image_prompt, caption_prompt = setup.encoder_prompt_tokens
+    replayed = " + ".join(
+        f"{tokens} {name} prompt"
+        for tokens, name in zip(setup.encoder_prompt_tokens, ("image", "caption"), strict=False)
+    )
+    t5 = f", T5 embedder {_params(tail.t5_embedder_params)}" if tail.t5_embedder_params else ""
     compute = "bf16 compute" if setup.compute_bf16 else "fp32 compute (activations upper bound)"
     checkpointing = (
         "gradient checkpointing per FLUX block"
@@ -274,13 +308,12 @@ def _header_lines(report: PlanReport) -> list[str]:
         f"{_params(flux.single_block.num_params)}, width {flux.hidden_size}",
         f"trains in every stage: connector {tail.hidden_size}->"
         f"{tail.connector_width} {_params(tail.connector_params)}"
-        f", Qwen2-VL last layer {_params(tail.layer_params)} + norm {tail.norm_params:,}",
+        f", Qwen2-VL last layer {_params(tail.layer_params)} + norm {tail.norm_params:,}{t5}",
         f"setup: {setup.num_workers} {device}s{share} x {setup.device_memory_gib:g} GiB, "
         f"global batch {setup.global_batch} = {setup.num_workers} {device}s x "
         f"{setup.micro_batch} x {setup.grad_accum} accum; strategy {report.strategy}",
         f"tokens/sample: FLUX {setup.image_tokens} image (bucket {bucket.bucket_id}) + "
-        f"{setup.text_tokens} text ({report.text_tokens_note}), Qwen2-VL layer "
-        f"{image_prompt} image prompt + {caption_prompt} caption prompt",
+        f"{setup.text_tokens} text ({report.text_tokens_note}), Qwen2-VL layer {replayed}",
         f"precision: {compute}; frozen fp32; trainable fp32 master + fp32 grad + fp32 AdamW "
         f"(16 B/param); {checkpointing}; the Qwen2-VL layer keeps its activations",
         f"time: model FLOPs / ({setup.num_workers} x {setup.peak_tflops:g} TFLOP/s peak x MFU "
@@ -305,7 +338,12 @@ def _stage_lines(report: PlanReport, stage: StageReport) -> list[str]:
         f"{list(planned.trainable_blocks)}{_parts_shown(planned.trainable_parts)}",
         f"  trainable  {_params(planned.trainable_params)} = FLUX "
         f"{_params(planned.trainable_flux_params)} + connector "
-        f"{_params(planned.connector_params)} + Qwen2-VL tail {_params(planned.tail_params)}",
+        f"{_params(planned.connector_params)} + Qwen2-VL tail {_params(planned.tail_params)}"
+        + (
+            f" + T5 embedder {_params(planned.t5_embedder_params)}"
+            if planned.t5_embedder_params
+            else ""
+        ),
         f"  memory/{_device(report)} {memory_unit[1]}  weights  grads  optim  activ  working"
         "  other   total",
         *memory,

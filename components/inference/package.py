@@ -120,19 +120,12 @@ def export_package(
         raise CheckpointNotFoundError(f"training checkpoint {checkpoint_dir} lacks {weights_file}")
     qwen_base = resolve_base("qwen2vl", qwen2vl, qwen2vl_revision)
     flux_base = resolve_base("flux", flux, flux_revision)
-    hashes = FileHashCache(out_dir.parent)
-    bases = {
-        "qwen2vl": base_record(qwen2vl, qwen2vl_revision, qwen_base, qwen2vl_files, hashes),
-        "flux": base_record(
-            flux,
-            flux_revision,
-            flux_base,
-            lambda root: flux_files(root, text_branch=settings.text_branch),
-            hashes,
-        ),
-    }
-    hashes.save()
-    bases["qwen2vl"]["prefix_sha256"] = qwen2vl_prefix_sha256(qwen_base.path)
+    bases = _base_records(
+        (qwen2vl, qwen2vl_revision, qwen_base),
+        (flux, flux_revision, flux_base),
+        text_branch=settings.text_branch,
+        hash_cache_dir=out_dir.parent,
+    )
     from diffusers import FluxTransformer2DModel
 
     transformer = FluxTransformer2DModel.from_pretrained(flux_base.path, subfolder="transformer")
@@ -155,13 +148,7 @@ def export_package(
         "checkpoint": checkpoint_summary(Path(checkpoint_dir)),
         "bases": bases,
     }
-    carried = None
-    if trained_t5 is not None:
-        carried = {
-            k: v.detach().contiguous() for k, v in modules.pop("t5_embedder").state_dict().items()
-        }
-    elif t5_embedder is not None:
-        carried = load_file(str(t5_embedder))
+    carried = _t5_embedder_state(modules.pop("t5_embedder", None), t5_embedder)
     if carried is not None:
         out_features, in_features = carried["weight"].shape
         manifest["t5_embedder"] = {"in_features": in_features, "out_features": out_features}
@@ -172,6 +159,26 @@ def export_package(
         )
     _write_atomically(out_dir, modules, manifest, t5_embedder=carried)
     return out_dir
+
+
+def _base_records(qwen2vl, flux, *, text_branch: str, hash_cache_dir: Path) -> dict:
+    """package.json's bases: each (name, revision, resolved) with the sha256 of every file the
+    generator reads (T5's too on the T5 branch), and the Qwen2-VL prefix hash."""
+    hashes = FileHashCache(hash_cache_dir)
+    bases = {
+        "qwen2vl": base_record(*qwen2vl, qwen2vl_files, hashes),
+        "flux": base_record(*flux, lambda root: flux_files(root, text_branch=text_branch), hashes),
+    }
+    hashes.save()
+    bases["qwen2vl"]["prefix_sha256"] = qwen2vl_prefix_sha256(qwen2vl[2].path)
+    return bases
+
+
+def _t5_embedder_state(trained: nn.Module | None, carried: Path | None) -> dict | None:
+    """The package's T5 embedder: the checkpoint's trained one, else the carried file's."""
+    if trained is not None:
+        return {k: v.detach().contiguous() for k, v in trained.state_dict().items()}
+    return None if carried is None else load_file(str(carried))
 
 
 def load_package(

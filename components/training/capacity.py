@@ -155,6 +155,8 @@ class StagePlan:
     tail_params: int
     """Qwen2-VL last layer + final norm."""
     connector_params: int
+    t5_embedder_params: int = 0
+    """The T5 branch's t5_embedder (0 on the Qwen2-VL branch)."""
     backward_blocks: tuple[int, int]
     """First and last FLUX block index on the backward path."""
     ddp: MemoryEstimate
@@ -168,7 +170,12 @@ class StagePlan:
 
     @property
     def trainable_params(self) -> int:
-        return self.trainable_flux_params + self.tail_params + self.connector_params
+        return (
+            self.trainable_flux_params
+            + self.tail_params
+            + self.connector_params
+            + self.t5_embedder_params
+        )
 
     @property
     def days(self) -> float:
@@ -298,9 +305,11 @@ def step_flops(
     tail_attention = sum(4 * tokens**2 for tokens in setup.encoder_prompt_tokens)
     tail_attention *= tail.attention_width
     connector = 2 * tail.connector_params * setup.text_tokens
-    forward += tail_linear + tail_attention + connector
+    # The t5_embedder's input is a cached frozen state: no input grad.
+    t5 = 2 * tail.t5_embedder_params * setup.t5_tokens
+    forward += tail_linear + tail_attention + connector + t5
     backward_input += tail_linear + 2 * tail_attention + connector
-    backward_weight += tail_linear + connector
+    backward_weight += tail_linear + connector + t5
     samples = setup.global_batch
     return FlopsEstimate(
         forward=forward * samples,
@@ -338,6 +347,7 @@ def plan_stage(
         trainable_flux_params=trainable_flux,
         tail_params=conditioning.layer_params + conditioning.norm_params,
         connector_params=conditioning.connector_params,
+        t5_embedder_params=conditioning.t5_embedder_params,
         backward_blocks=(path.start, path.stop - 1),
         ddp=ddp_memory(
             flux, conditioning, setup, trainable_flux=trainable_flux, activations=activations

@@ -47,7 +47,11 @@ def flux_shape(transformer: FluxTransformer2DModel) -> FluxShape:
 
 
 def encoder_tail_shape(
-    layer: Qwen2VLDecoderLayer, norm: Qwen2VLRMSNorm, *, joint_attention_dim: int
+    layer: Qwen2VLDecoderLayer,
+    norm: Qwen2VLRMSNorm,
+    *,
+    joint_attention_dim: int,
+    t5_embedder_params: int = 0,
 ) -> EncoderTailShape:
     """Trainable encoder side: the layer, the norm and a Linear(hidden -> joint_attention_dim)."""
     config = layer.self_attn.config
@@ -59,6 +63,7 @@ def encoder_tail_shape(
         norm_params=_count(norm),
         saved_values_per_token=decoder_layer_saved_values(hidden, config.intermediate_size),
         connector_width=joint_attention_dim,
+        t5_embedder_params=t5_embedder_params,
     )
 
 

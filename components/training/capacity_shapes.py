@@ -136,6 +136,9 @@ class EncoderTailShape:
     """Activation values the layer saves for backward, per token."""
     connector_width: int
     """Output features of the connector Linear (FLUX's joint_attention_dim, 4096)."""
+    t5_embedder_params: int = 0
+    """The T5 text branch's t5_embedder (T5 width x FLUX inner width + bias; 0 on the Qwen2-VL
+    branch)."""
 
     @property
     def connector_params(self) -> int:
@@ -144,7 +147,9 @@ class EncoderTailShape:
 
     @property
     def trainable_params(self) -> int:
-        return self.layer_params + self.norm_params + self.connector_params
+        return (
+            self.layer_params + self.norm_params + self.connector_params + self.t5_embedder_params
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -162,6 +167,8 @@ class TrainingSetup:
     """FLUX image tokens per sample: a 1024x1024 bucket -> 128x128 latents -> 64x64 packed 2x2."""
     text_tokens: int = 512
     """FLUX text tokens per sample (the padded conditioning length of a micro-batch)."""
+    t5_tokens: int = 0
+    """T5 tokens per sample the t5_embedder maps (256 on the T5 branch; counted in text_tokens)."""
     encoder_prompt_tokens: tuple[int, ...] = (538,)
     """Padded length of each prompt the Qwen2-VL layer replays per sample, each a separate call
     (the trainer replays the image prompt and the caption prompt)."""

@@ -183,3 +183,17 @@ def test_flux_parts_count_only_the_parts_that_train(reference):
         "FLUX blocks [1, 4, 7, 12, 16, 19, 24, 28, 32, 37, 40, 44, 48, 52, 56], parts "
         "attention + mlp only" in report.format()
     )
+
+
+def test_the_t5_branch_plans_its_embedder_and_tokens(reference):
+    """train.text_branch = "t5": the t5_embedder (4096 x 3072 + 3072, its width from FLUX.1-dev's
+    text_encoder_2 config) trains in every stage, 256 T5 tokens join every sample's text, and
+    the Qwen2-VL layer replays the image prompt alone."""
+    report = plan_preset("a100x8", ["train.text_branch=t5"])
+    assert report.tail.t5_embedder_params == 4096 * 3072 + 3072
+    assert report.setup.text_tokens == 512 + 256 and report.setup.t5_tokens == 256
+    assert report.setup.encoder_prompt_tokens == (538,)
+    t5_stage, qwen_stage = _stages(report)[1], _stages(reference)[1]
+    assert t5_stage.trainable_params == qwen_stage.trainable_params + 4096 * 3072 + 3072
+    assert t5_stage.flops.backward_weight > qwen_stage.flops.backward_weight
+    assert "T5 embedder 12.6M" in report.format()
