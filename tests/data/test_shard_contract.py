@@ -72,6 +72,22 @@ def test_tensor_shapes_agree_within_each_row(tables):
             assert sample["clip_pooled"].ndim == 1
 
 
+def test_t5_caption_states_are_there_exactly_when_declared(dataset_root, tables):
+    """A dataset whose manifest declares encoders.t5_caption holds [max_tokens, d_model] T5
+    states of the caption in the hidden dtype in every row; one that does not holds none."""
+    manifest = shard_format.read_manifest(dataset_root)
+    declared = manifest["encoders"].get("t5_caption")
+    for path, table in tables.items():
+        assert ("caption_t5_hidden" in table.column_names) == bool(declared), path
+        if not declared:
+            continue
+        shapes = table["caption_t5_hidden_shape"].to_pylist()
+        assert set(map(tuple, shapes)) == {(declared["max_tokens"], declared["d_model"])}, path
+        assert set(table["caption_t5_hidden_dtype"].to_pylist()) == {
+            manifest["encoders"]["hidden_dtype"]
+        }, path
+
+
 def test_manifest_says_how_the_tensors_were_made(dataset_root, tables):
     manifest = shard_format.read_manifest(dataset_root)
     encoders = manifest["encoders"]
