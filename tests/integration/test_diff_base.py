@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 from golden_losses import run_in_process
+from release_fixture import build_tiny_release
 
 from components.inference.diff_base import diff_package
 from components.inference.package import export_package
+from components.inference.release_package import import_release
 from model.flux_stages import STAGE_BLOCKS
 from pipelines.cli import main
 from pipelines.register import generator_settings
@@ -119,3 +121,22 @@ def test_the_cli_compares_with_the_recorded_bases_and_writes_json(
     assert written == json.loads(
         json.dumps(_diff(packages["attention"], tiny_models_dir).as_dict())
     )
+
+
+def test_the_imported_release_against_the_stock_bases(tiny_models_dir, tmp_path, capsys):
+    """An imported release records its own folders as bases, so by default nothing differs and
+    the command says to name the stock ones; against them the tiny release's one nudged block
+    is all that changed (the rest is the base in bf16), beside its connector and T5 embedder."""
+    source = build_tiny_release(tmp_path / "release", tiny_models_dir)
+    package = import_release(source, tmp_path / "imported")
+    options = ["--set", f"run.root={tmp_path / 'cli'}"]
+    assert main(["diff-base", str(package), *options]) == 0
+    printed = capsys.readouterr().out
+    assert "changed blocks: []" in printed and "name the stock checkpoints" in printed
+    stock = ["--flux", str(tiny_models_dir.flux), "--qwen2vl", str(tiny_models_dir.qwen2vl)]
+    out = tmp_path / "diff.json"
+    assert main(["diff-base", str(package), *stock, "--json", str(out), *options]) == 0
+    written = json.loads(out.read_text())
+    assert written["changed_blocks"] == [1]
+    assert not any(part["changed"] for part in written["tail"].values())
+    assert set(written["new"]) == {"connector", "t5_embedder"}

@@ -5,7 +5,9 @@ gradients all-reduced by hand, as DDP does; then sharded per block with FLUX's o
 checkpointing on) and checks: the losses and the updated weights agree, the gathered weights and
 optimizer state of the sharded model equal the plain one's, and loading them into a fresh
 sharded model restores it (the next step's loss is the same). The blocks' q/k norms stay frozen,
-so each trained unit mixes trainable and frozen parameters, as `flux_parts` makes it.
+so each trained unit mixes trainable and frozen parameters, as `flux_parts` makes it; the
+T5 text branch's t5_embedder trains too, its tokens joining FLUX's text through the sharded
+transformer.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ pytestmark = pytest.mark.integration
 WORLD = 2
 STEPS = 3
 TRAINED_BLOCKS = (1, 19, 56)
+T5_WIDTH = 8
+"""The T5 text branch's input width here (its t5_embedder is one more FSDP unit)."""
 TRAINED_PARTS = ("attention", "mlp", "output", "modulation")
 """Every part but the q/k norms: each trained FSDP unit mixes trainable and frozen parameters."""
 
@@ -43,7 +47,9 @@ def _build(models):
     tail = load_qwen2vl_tail(str(models.qwen2vl))
     torch.manual_seed(0)
     connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
-    return QwenFluxModel(tail, connector, transformer)
+    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    t5_embedder = torch.nn.Linear(T5_WIDTH, inner)
+    return QwenFluxModel(tail, connector, transformer, t5_embedder)
 
 
 def _loss(model, *, rank: int, step: int) -> torch.Tensor:
@@ -56,11 +62,14 @@ def _loss(model, *, rank: int, step: int) -> torch.Tensor:
     latents = torch.randn(2, 16, config.in_channels, generator=generator)
     target = torch.randn(latents.shape, generator=generator)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    t5_states = torch.randn(2, 4, T5_WIDTH, generator=generator)
     conditioning = FluxConditioning(
         model.connector(hidden),
         mask,
         torch.randn(2, config.pooled_projection_dim, generator=generator),
         torch.full((2,), 3.5),
+        embedded_BUE=model.t5_embedder(t5_states),
+        embedded_mask_BU=torch.tensor([[True] * 4, [False] * 4]),
     )
     velocity = predict_velocity(
         model.transformer,
@@ -100,7 +109,7 @@ def _stage(model):
     from model.flux_stages import select_trainable_blocks
 
     select_trainable_blocks(model.transformer, TRAINED_BLOCKS, TRAINED_PARTS)
-    for module in (model.tail, model.connector):
+    for module in (model.tail, model.connector, model.t5_embedder):
         module.requires_grad_(True)
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     return build_optimizer(named, OptimizerConfig(learning_rate=1e-3))
@@ -198,4 +207,5 @@ def test_fsdp_trains_like_ddp_and_its_state_round_trips(tiny_models_dir):
     last_block = "transformer.single_transformer_blocks.37."
     assert any(name.startswith(last_block) for name in got["state_names"])
     assert not any(".attn.norm_" in name for name in got["state_names"])
+    assert {"t5_embedder.weight", "t5_embedder.bias"} <= set(got["state_names"])
     assert got["original_next"] == got["restored_next"]
