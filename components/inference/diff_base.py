@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from components.inference.package import CONNECTOR_FILE, T5_EMBEDDER_FILE, TAIL_FILE
-from components.training.encoder_tail import TEXT_MODEL_PREFIXES
+from components.training.encoder_tail import checkpoint_weight_map, locate_tail
 from model.flux_stages import flux_parameter_group
 
 _TRANSFORMER_STEM = "diffusion_pytorch_model"
@@ -192,19 +192,12 @@ class _TensorSource:
 
 
 def _diff_tail(report: BaseDiff, package_dir: Path, base: _TensorSource) -> None:
-    config = json.loads((base.folder / "config.json").read_text())
-    last = int((config.get("text_config") or config)["num_hidden_layers"]) - 1
-    prefix = next((p for p in TEXT_MODEL_PREFIXES if f"{p}norm.weight" in base), None)
-    if prefix is None:
-        raise KeyError(f"{base.folder}: no Qwen2-VL text model norm under {TEXT_MODEL_PREFIXES}")
+    location = locate_tail(base.folder, name=str(base.folder))
     with safe_open(str(package_dir / TAIL_FILE), framework="pt", device="cpu") as tail:
         for key in sorted(tail.keys()):
-            if key.startswith("norm."):
-                base_name, part = f"{prefix}{key}", "final norm"
-            else:
-                inner = key.removeprefix("layer.")
-                base_name, part = f"{prefix}layers.{last}.{inner}", _tail_part(inner)
-            report.tail.setdefault(part, GroupDiff()).add(tail.get_tensor(key), base.get(base_name))
+            part = "final norm" if key.startswith("norm.") else _tail_part(key[len("layer.") :])
+            base_tensor = base.get(location.checkpoint_name(key))
+            report.tail.setdefault(part, GroupDiff()).add(tail.get_tensor(key), base_tensor)
 
 
 def _tail_part(name: str) -> str:
@@ -217,13 +210,8 @@ def _tail_part(name: str) -> str:
 
 def _tensor_files(folder: Path, stem: str) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it (index or single file)."""
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
-    single = folder / f"{stem}.safetensors"
-    with safe_open(str(single), framework="pt", device="cpu") as handle:
-        return dict.fromkeys(handle.keys(), single)
+    weight_map = checkpoint_weight_map(folder, name=str(folder), stem=stem)
+    return {name: folder / file for name, file in weight_map.items()}
 
 
 def _tensors(folder: Path, stem: str) -> Iterator[tuple[str, torch.Tensor]]:

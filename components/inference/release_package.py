@@ -47,10 +47,9 @@ from components.inference.package import (
     write_manifest,
 )
 from components.training.encoder_tail import (
-    checkpoint_weight_map,
     load_qwen2vl_tail,
+    locate_tail,
     qwen2vl_prefix_sha256,
-    text_model_prefix,
 )
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -168,15 +167,10 @@ def _write_qwen2vl(base: Path, out: Path, tail: dict[str, torch.Tensor]) -> None
     (package names `layer.*`, `norm.*`); shards keep their names, the index is rewritten."""
     weights = {path.name for path in qwen2vl_weight_files(base)}
     shutil.copytree(base, out, ignore=_top_level(base, weights))
-    config = json.loads((base / "config.json").read_text())
-    last = int((config.get("text_config") or config)["num_hidden_layers"]) - 1
-    located = checkpoint_weight_map(base, name=str(base))
-    prefix = text_model_prefix(located, name=str(base))
+    location = locate_tail(base, name=str(base))
+    located = location.weight_map
     # {checkpoint name: package tail name}, in the base's naming (legacy `model.` or nested).
-    names = {
-        (f"{prefix}layers.{last}.{key[6:]}" if key.startswith("layer.") else f"{prefix}{key}"): key
-        for key in tail
-    }
+    names = {location.checkpoint_name(key): key for key in tail}
     if set(names) - set(located):
         raise PackageError(f"base {base} lacks {sorted(set(names) - set(located))[:3]}")
     written: dict[str, str] = {}

@@ -11,6 +11,7 @@ materialised to get one layer (~233M parameters of Qwen2-VL-7B's 8.3B).
 import hashlib
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,10 +69,11 @@ def load_qwen2vl_tail(
     return tail
 
 
-def checkpoint_weight_map(root: Path, *, name: str) -> dict[str, str]:
-    """Tensor name -> shard file name, from the index or the single weights file."""
-    index = root / f"{WEIGHTS_STEM}.safetensors.index.json"
-    single = root / f"{WEIGHTS_STEM}.safetensors"
+def checkpoint_weight_map(root: Path, *, name: str, stem: str = WEIGHTS_STEM) -> dict[str, str]:
+    """Tensor name -> shard file name, from the index or the single weights file (`stem`:
+    "model" for transformers checkpoints, "diffusion_pytorch_model" for diffusers ones)."""
+    index = root / f"{stem}.safetensors.index.json"
+    single = root / f"{stem}.safetensors"
     if index.is_file():
         try:
             return dict(json.loads(index.read_text())["weight_map"])
@@ -93,12 +95,37 @@ def text_model_prefix(weight_map: dict[str, str], *, name: str) -> str:
     raise TailCheckpointError(f"checkpoint {name}: no tensor {expected} (final norm)")
 
 
+@dataclass(frozen=True, slots=True)
+class TailLocation:
+    """Where a Qwen2-VL checkpoint keeps its tail: its weight map, the text model's name prefix
+    and the last decoder layer's index."""
+
+    weight_map: dict[str, str]
+    prefix: str
+    last_index: int
+
+    def checkpoint_name(self, tail_key: str) -> str:
+        """The checkpoint tensor name of a tail state-dict key ('layer.*' or 'norm.*')."""
+        if tail_key.startswith("norm."):
+            return f"{self.prefix}{tail_key}"
+        return f"{self.prefix}layers.{self.last_index}.{tail_key.removeprefix('layer.')}"
+
+
+def locate_tail(root: Path, *, name: str) -> TailLocation:
+    """The TailLocation of the Qwen2-VL checkpoint folder `root` (its config.json and index)."""
+    config = json.loads((root / "config.json").read_text())
+    last_index = int((config.get("text_config") or config)["num_hidden_layers"]) - 1
+    weight_map = checkpoint_weight_map(root, name=name)
+    return TailLocation(weight_map, text_model_prefix(weight_map, name=name), last_index)
+
+
 def _checkpoint_names(
     layer: nn.Module, norm: nn.Module, *, prefix: str, last_index: int
 ) -> dict[str, str]:
     """Tail state-dict key ('layer.*', 'norm.*') -> checkpoint tensor name."""
-    wanted = {f"layer.{key}": f"{prefix}layers.{last_index}.{key}" for key in layer.state_dict()}
-    return wanted | {f"norm.{key}": f"{prefix}norm.{key}" for key in norm.state_dict()}
+    location = TailLocation({}, prefix, last_index)
+    keys = [f"layer.{key}" for key in layer.state_dict()] + [f"norm.{k}" for k in norm.state_dict()]
+    return {key: location.checkpoint_name(key) for key in keys}
 
 
 def _check_names(
@@ -161,11 +188,9 @@ def qwen2vl_prefix_sha256(checkpoint: str | Path, *, revision: str | None = None
     root = resolve_checkpoint(
         str(checkpoint), revision=revision, root_file="config.json", required=()
     ).path
-    config = json.loads((root / "config.json").read_text())
-    last = int((config.get("text_config") or config)["num_hidden_layers"]) - 1
-    weight_map = checkpoint_weight_map(root, name=str(checkpoint))
-    prefix = text_model_prefix(weight_map, name=str(checkpoint))
-    skipped = (f"{prefix}layers.{last}.", f"{prefix}norm.", "lm_head.")
+    location = locate_tail(root, name=str(checkpoint))
+    weight_map, prefix = location.weight_map, location.prefix
+    skipped = (f"{prefix}layers.{location.last_index}.", f"{prefix}norm.", "lm_head.")
     names = {_canonical_name(key, prefix): key for key in weight_map if not key.startswith(skipped)}
     by_file: dict[str, list[str]] = {}
     for canonical in sorted(names):
