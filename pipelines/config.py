@@ -18,6 +18,7 @@ from components.data.filters import FilterConfig
 from components.data.url_policy import UrlPolicyConfig
 from components.evaluation.conditioning_check import ConditioningCheckConfig
 from components.inference.request_rows import RequestDefaults
+from components.training.loop_config import EmaConfig
 from components.training.objective import ObjectiveConfig
 from components.training.optimizer import GuardConfig, OptimizerConfig
 from components.training.stages import StageConfig
@@ -184,7 +185,13 @@ class TrainConfig:
     """Held-out samples (kept out of training) for validation loss and the image grid."""
     max_failures: int = 2
     """Worker failures Ray Train recovers from (restarting at the last checkpoint)."""
+    async_checkpoints: bool = False
+    """Write checkpoints in the background: each worker copies its shards to host memory and
+    training goes on while they are written; a checkpoint is registered once every worker's
+    write is done."""
     resources: TrainResourcesConfig
+    ema: EmaConfig
+    """[train.ema]: an exponential moving average of the trained weights (off by default)."""
     optimizer: OptimizerConfig
     objective: ObjectiveConfig
     guard: GuardConfig
@@ -227,6 +234,9 @@ class RegistryConfig:
     min_improvement: float = 0.02
     """Gate: the trained model's held-out validation loss must be at least this fraction below
     the untrained start's (same rows, same fixed sigmas and noise)."""
+    weights: str = "raw"
+    """Which weights of the final checkpoint the package carries (and the gate judges): "raw"
+    or "ema" (needs train.ema.decay)."""
     conditioning: ConditioningCheckConfig
     """Gate: generations must land in the class their conditioning names ([registry.conditioning];
     no checks unless `modes` names some)."""
@@ -236,6 +246,8 @@ class RegistryConfig:
             raise ValueError("model_name must not be empty")
         if not 0.0 <= self.min_improvement < 1.0:
             raise ValueError("min_improvement must lie in [0, 1)")
+        if self.weights not in ("raw", "ema"):
+            raise ValueError(f'weights must be "raw" or "ema", got {self.weights!r}')
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -328,6 +340,10 @@ class PipelineConfig:
             raise ValueError(
                 f"data.encode.max_caption_tokens ({trained}) and infer.requests.max_prompt_tokens "
                 f"({served}) must be equal: inference caps prompts where training capped captions"
+            )
+        if self.registry.weights == "ema" and not self.train.ema.enabled:
+            raise ValueError(
+                'registry.weights = "ema" needs train.ema.decay: the training keeps no EMA'
             )
 
 

@@ -100,7 +100,7 @@ def run_registration(config: PipelineConfig, *, training: str | None = None) -> 
     run_id = training_run_id(config, training)
     client = MlflowClient(tracking_uri(config))
     lineage = _lineage(client, run_id)
-    package_dir = RunLayout(config).package_dir(run_id)
+    package_dir = RunLayout(config).package_dir(run_id, weights=config.registry.weights)
     if not (package_dir / "package.json").is_file():
         encode = config.data.encode
         export_package(
@@ -113,6 +113,7 @@ def run_registration(config: PipelineConfig, *, training: str | None = None) -> 
             lineage=lineage,
             out_dir=package_dir,
             t5_embedder=_carried_t5_embedder(config),
+            weights=config.registry.weights,
         )
     champion_version, champion = _champion_to_compare(config, run_id)
     gate = evaluate_gate(config, load_package(package_dir), champion=champion)

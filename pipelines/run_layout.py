@@ -29,6 +29,11 @@ from pathlib import Path
 from pipelines.config import PipelineConfig
 from pipelines.data_layout import DataLayout
 
+_HOW_IT_RUNS = ("resources", "async_checkpoints")
+"""Train settings a training's name leaves out: a resume may change them."""
+_ADDED_WITH_FORMAT_3 = ("async_checkpoints", "ema")
+"""Train settings that did not exist when names hashed the resources too."""
+
 
 @dataclass(frozen=True, slots=True)
 class RunLayout:
@@ -60,12 +65,26 @@ class RunLayout:
         """The name of the training of this train config on dataset `dataset_id`: Ray Train's
         run name (its folder under the storage) and the MLflow parent's prefix. A changed train
         config or dataset trains afresh under a new name; the same ones resume. `salt` (a
-        workflow run id) forces a fresh training of unchanged inputs."""
-        from pipelines.config_loading import config_hash
+        workflow run id) forces a fresh training of unchanged inputs. A training begun before
+        checkpoint format 3 (whose name also hashed its resources) keeps its name."""
+        from pipelines.config_loading import to_plain
 
-        # Where the dataset and checkpoints live is not what is trained: leave them out.
-        train = replace(self.config.train, dataset="", storage_path="")
-        key = f"{config_hash(train)}:{dataset_id}:{salt}"
+        # Where the dataset and checkpoints live, and what runs it (workers, strategy,
+        # precision policy, async writes), is not what is trained: leave them out, so a resume
+        # on other resources continues the same training (the checkpoint keeps the batch layout).
+        train = to_plain(replace(self.config.train, dataset="", storage_path=""))
+        what = {key: value for key, value in train.items() if key not in _HOW_IT_RUNS}
+        name = self._hashed_name(what, dataset_id, salt)
+        earlier = {key: value for key, value in train.items() if key not in _ADDED_WITH_FORMAT_3}
+        legacy = self._hashed_name(earlier, dataset_id, salt)
+        if not self.training_marker(name).exists() and self.training_marker(legacy).exists():
+            return legacy
+        return name
+
+    def _hashed_name(self, plain: dict, dataset_id: str, salt: str) -> str:
+        canonical = json.dumps(plain, sort_keys=True, separators=(",", ":"))
+        digest = hashlib.sha256(canonical.encode()).hexdigest()
+        key = f"{digest}:{dataset_id}:{salt}"
         return f"{self.config.run.name}-train-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
     def current_training_name(self) -> str:
@@ -106,8 +125,10 @@ class RunLayout:
         """Workflow run records (runs/<id>.json) and step completion markers (steps/)."""
         return self.root / "workflow"
 
-    def package_dir(self, training_run_id: str) -> Path:
-        return self.root / "packages" / training_run_id
+    def package_dir(self, training_run_id: str, *, weights: str = "raw") -> Path:
+        """The package exported from a training's final checkpoint (its raw weights or EMA)."""
+        suffix = "" if weights == "raw" else f"-{weights}"
+        return self.root / "packages" / f"{training_run_id}{suffix}"
 
     @property
     def registry_cache(self) -> Path:

@@ -151,15 +151,10 @@ def _init_package(config: PipelineConfig, manifest: dict, root: Path):
 def _check_checkpoint_format(layout: RunLayout, name: str) -> None:
     """Checkpoints an older trainer wrote in this run's storage would fail in every worker
     (and be retried max_failures times): refuse them here, once, by name."""
-    from components.training.checkpoint_state import CHECKPOINT_FORMAT
+    from components.training.checkpoint_state import check_format
 
     for folder, state in layout.checkpoint_states(name):
-        found = state.get("format")
-        if found != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"checkpoint {folder} has format {found!r}; this trainer reads format "
-                f"{CHECKPOINT_FORMAT} (start a new run.root or train.storage_path)"
-            )
+        check_format(folder, state)
 
 
 def _parent_run(

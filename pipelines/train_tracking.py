@@ -11,10 +11,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def _train_storage(config) -> str:
+    from pipelines.run_layout import RunLayout
+
+    return RunLayout(config).train_storage
 
 
 def tracking_uri(config) -> str:
@@ -91,8 +96,17 @@ class StageTracker:
         grid = _grid(images, columns=reference.shape[0])
         self.client.log_image(self.run_id, grid, artifact_file=f"grids/step_{step:06d}.png")
 
-    def log_checkpoint(self, folder: Path, stage_name: str) -> None:
-        self.client.log_artifacts(self.parent_run_id, str(folder), f"checkpoints/{stage_name}")
+    def log_checkpoint(self, state, stage_name: str) -> None:
+        """Record which checkpoint ended a stage (its state; the shards stay in the training's
+        storage, where every worker wrote its own)."""
+        payload = {
+            "stage_index": state.stage_index,
+            "next_step": state.next_step,
+            "guard": state.guard_state,
+            "layout": state.layout.to_json() if state.layout else None,
+            "storage": _train_storage(self.config),
+        }
+        self.client.log_dict(self.parent_run_id, payload, f"checkpoints/{stage_name}/state.json")
 
     def finish(self) -> None:
         self._close_stage_run()

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from components.training.checkpoint_state import load_train_state
+from components.training.checkpoint_state import read_train_state
 from components.training.fsdp import shard_model
-from components.training.loop import Collectives, LoopConfig, LoopData, TrainingLoop
+from components.training.loop import Collectives, LoopData, TrainingLoop
+from components.training.loop_config import LoopConfig
 from components.training.model_loading import load_training_model
 from model.flux_forward import set_gradient_checkpointing
 from pipelines.config import PipelineConfig
@@ -52,11 +53,6 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     else:
         model.to(device)
     set_gradient_checkpointing(model.transformer, enabled=resources.gradient_checkpointing)
-    state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_train_state(Path(folder), model)
     data = LoopData.from_dataset(
         dataset_root, num_validation_samples=config.train.num_validation_samples, device=device
     )
@@ -67,6 +63,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         data=data,
         collectives=collectives,
     )
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        # Each worker reads the pieces its shards cover, whatever number of workers wrote them.
+        with checkpoint.as_directory() as folder:
+            state = read_train_state(Path(folder))
+            loop.restore(state)
     tracker = None
     if collectives.rank == 0:
         tracker = StageTracker(config, parent_run_id=payload["parent_run_id"])
@@ -75,12 +78,12 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         tracker.finish()
 
 
-def report_checkpoint(folder: Path | None, metrics: dict[str, float]) -> None:
-    """The loop's checkpoint publisher under Ray Train: report it (rank 0 attaches the folder)."""
+def report_checkpoint(folder: Path, metrics: dict[str, float]) -> None:
+    """The loop's checkpoint publisher under Ray Train: every worker reports its own folder,
+    and Ray Train merges them into one checkpoint in the training's storage."""
     import ray.train
 
-    checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder else None
-    ray.train.report(metrics, checkpoint=checkpoint)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
 
 
 def loop_config(config: PipelineConfig, *, device: torch.device) -> LoopConfig:
@@ -97,4 +100,6 @@ def loop_config(config: PipelineConfig, *, device: torch.device) -> LoopConfig:
         checkpoint_every_steps=train.checkpoint_every_steps,
         seed=config.run.seed,
         compute_bf16=train.resources.computes_in_bf16(on_gpu=device.type == "cuda"),
+        async_checkpoints=train.async_checkpoints,
+        ema=train.ema,
     )

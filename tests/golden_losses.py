@@ -45,9 +45,10 @@ def run_in_process(config, *, dataset_root: Path, resume=None, publish=None):
         data=_loop_data(config, dataset_root),
     )
     if resume is not None:
-        from components.training.checkpoint_state import load_train_state
+        from components.training.checkpoint_state import read_train_state
 
-        resume = load_train_state(resume, model)
+        resume = read_train_state(resume)
+        loop.restore(resume)
     losses = loop.run(resume, sink=None, publish=publish or (lambda folder, metrics: None))
     return losses, loop
 

@@ -1,7 +1,7 @@
 """Model package: a trained checkpoint + references to its frozen bases, ready for inference.
 
 Input of export_package: a training checkpoint folder (components/training/checkpoint_state.py:
-weights.safetensors with `transformer.*`, `tail.*`, `connector.*` parameters) and the Qwen2-VL /
+its `transformer.*`, `tail.*`, `connector.*` parameters, raw or their EMA) and the Qwen2-VL /
 FLUX bases it was trained from. Output: one folder, written atomically:
   transformer/              the whole trained FluxTransformer2DModel (diffusers save_pretrained)
   encoder_tail.safetensors  Qwen2-VL's trained last layer + final norm (`layer.*`, `norm.*`)
@@ -40,7 +40,8 @@ from components.inference.package_checkpoint import (
     checkpoint_linear,
     checkpoint_summary,
 )
-from components.training.checkpoint_state import WEIGHTS_FILE
+from components.training.checkpoint_state import STATE_FILE
+from components.training.distributed_checkpoint import checkpoint_weights
 from components.training.encoder_tail import load_qwen2vl_tail, qwen2vl_prefix_sha256
 from model.conditioning import Connector
 from model.qwen2vl_tail import Qwen2VLTail
@@ -53,6 +54,8 @@ TAIL_FILE = "encoder_tail.safetensors"
 CONNECTOR_FILE = "connector.safetensors"
 T5_EMBEDDER_FILE = "t5_embedder.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PACKAGE_WEIGHTS = ("raw", "ema")
+"""Which of a checkpoint's weights a package carries: the trained ones, or their EMA."""
 QWEN2VL_AUX_FILES = (
     "config.json",
     "generation_config.json",
@@ -95,6 +98,7 @@ def export_package(
     out_dir: Path,
     dtype: str = "float32",
     t5_embedder: Path | None = None,
+    weights: str = "raw",
 ) -> Path:
     """Apply a training checkpoint to its bases and write a package folder at out_dir.
 
@@ -105,7 +109,8 @@ def export_package(
     text branch is the settings' own, and "t5" without any T5 embedder is a PackageError.
 
     qwen2vl / flux are the bases as training named them (local dir or hub id in the local HF
-    cache). dtype ('float32' or 'bfloat16') is how the trained networks are stored. out_dir must
+    cache). dtype ('float32' or 'bfloat16') is how the trained networks are stored; weights
+    ('raw' or 'ema') which of the checkpoint's weights the package carries. out_dir must
     not exist; it appears only complete (staging folder + os.replace), never half-written.
     Errors: PackageError for an unknown / misshapen tensor or a checkpoint without the connector,
     CheckpointNotFoundError for a missing checkpoint or base.
@@ -115,9 +120,7 @@ def export_package(
         raise FileExistsError(f"package folder {out_dir} already exists")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    weights_file = Path(checkpoint_dir) / WEIGHTS_FILE
-    if not weights_file.is_file():
-        raise CheckpointNotFoundError(f"training checkpoint {checkpoint_dir} lacks {weights_file}")
+    trained = _trained_weights(Path(checkpoint_dir), weights)
     qwen_base = resolve_base("qwen2vl", qwen2vl, qwen2vl_revision)
     flux_base = resolve_base("flux", flux, flux_revision)
     bases = _base_records(
@@ -132,10 +135,11 @@ def export_package(
     tail = load_qwen2vl_tail(qwen2vl, revision=qwen2vl_revision)
     connector = Connector(tail.norm.weight.shape[0], transformer.config.joint_attention_dim)
     modules = {"transformer": transformer, "tail": tail, "connector": connector}
-    trained_t5 = checkpoint_linear(weights_file, "t5_embedder.")
+    trained_t5 = checkpoint_linear(trained, "t5_embedder.")
     if trained_t5 is not None:
         modules["t5_embedder"] = trained_t5
-    apply_checkpoint(weights_file, modules)
+    apply_checkpoint(trained, modules, source=str(checkpoint_dir))
+    del trained
     if dtype != "float32":
         for module in modules.values():
             module.to(DTYPES[dtype])
@@ -145,7 +149,7 @@ def export_package(
         "connector": {"in_features": connector.in_features, "out_features": connector.out_features},
         "dtype": dtype,
         "lineage": dict(lineage),
-        "checkpoint": checkpoint_summary(Path(checkpoint_dir)),
+        "checkpoint": checkpoint_summary(Path(checkpoint_dir)) | {"weights": weights},
         "bases": bases,
     }
     carried = _t5_embedder_state(modules.pop("t5_embedder", None), t5_embedder)
@@ -172,6 +176,15 @@ def _base_records(qwen2vl, flux, *, text_branch: str, hash_cache_dir: Path) -> d
     hashes.save()
     bases["qwen2vl"]["prefix_sha256"] = qwen2vl_prefix_sha256(qwen2vl[2].path)
     return bases
+
+
+def _trained_weights(checkpoint_dir: Path, weights: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's trained parameters by name: raw, or their EMA."""
+    if weights not in PACKAGE_WEIGHTS:
+        raise ValueError(f"weights must be one of {list(PACKAGE_WEIGHTS)}, got {weights!r}")
+    if not (checkpoint_dir / STATE_FILE).is_file():
+        raise CheckpointNotFoundError(f"training checkpoint {checkpoint_dir} lacks {STATE_FILE}")
+    return checkpoint_weights(checkpoint_dir, ema=weights == "ema")
 
 
 def _t5_embedder_state(trained: nn.Module | None, carried: Path | None) -> dict | None:

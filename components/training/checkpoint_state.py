@@ -1,33 +1,74 @@
 """A training checkpoint folder: what a restart needs to continue exactly where training stood.
 
-One folder per checkpoint: `weights.safetensors` (every parameter any stage so far trained, by
-name), `optimizer.pt` (the current stage's AdamW state keyed by parameter name, read back with
-weights_only=True) and `state.json` (format, stage index, next step, guard state). DDP and FSDP
-runs write and read the same folder (components/training/fsdp.py gathers and scatters).
+Format 3 (written now), one folder per checkpoint:
+  state.json           format, stage index, next step, guard state, batch layout (rank 0 writes it)
+  .metadata            torch.distributed.checkpoint's index of every entry and its chunks
+  __<rank>_0.distcp    each worker's own pieces (components/training/distributed_checkpoint.py)
+Its entries are `model.<param>` (every parameter any stage so far trained), `optim.<param>.<key>`
+(the current stage's AdamW state) and, with EMA on, `ema.<param>`. A checkpoint written by N
+workers is read by M: each reads the pieces its own shards cover.
+
+Format 2 (read, never written): `weights.safetensors` (full tensors by name) and `optimizer.pt`
+(the AdamW state keyed by parameter name, read with weights_only=True). Anything older is refused
+with a message.
+
+The batch layout is the run's data-parallel shape (workers x accumulation steps): a step's
+micro-batches and random draws are keyed by it, so a resume on another number of workers runs
+the same micro-batches split differently (components/training/loop.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from components.training.fsdp import load_parameters
-
-WEIGHTS_FILE = "weights.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
-CHECKPOINT_FORMAT = 2
-"""2: the optimizer state is keyed by parameter name (torch.distributed.checkpoint's full
-state dict), so DDP and FSDP runs write and read the same checkpoints."""
+CHECKPOINT_FORMAT = 3
+"""3: torch.distributed.checkpoint shards per worker (resharded on load) + the batch layout."""
+READ_FORMATS = (2, 3)
+LEGACY_WEIGHTS_FILE = "weights.safetensors"
+LEGACY_OPTIMIZER_FILE = "optimizer.pt"
+DCP_METADATA_FILE = ".metadata"
+MODEL_PREFIX = "model."
+EMA_PREFIX = "ema."
+OPTIMIZER_PREFIX = "optim."
 
 
 class CheckpointFormatError(ValueError):
     """A checkpoint folder this trainer cannot read (missing file, other format)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLayout:
+    """A run's data-parallel shape: `workers` x `accumulation_steps` micro-batch slots per step.
+
+    Slot (virtual rank r, micro-batch m) always reads the same rows and draws the same noise;
+    `slots_of` splits the slots over however many workers run now."""
+
+    workers: int
+    accumulation_steps: int
+
+    @property
+    def num_slots(self) -> int:
+        return self.workers * self.accumulation_steps
+
+    def slots_of(self, rank: int, world: int) -> list[tuple[int, int]]:
+        """(virtual rank, micro-batch) of the slots worker `rank` of `world` runs, in order."""
+        if self.num_slots % world:
+            raise ValueError(
+                f"this training's steps are {self.workers} workers x {self.accumulation_steps} "
+                f"accumulation steps = {self.num_slots} micro-batches; {world} workers cannot "
+                f"split them evenly (run on a number of workers that divides {self.num_slots})"
+            )
+        per_worker = self.num_slots // world
+        slots = range(rank * per_worker, (rank + 1) * per_worker)
+        return [divmod(slot, self.accumulation_steps) for slot in slots]
+
+    def to_json(self) -> dict[str, int]:
+        return {"workers": self.workers, "accumulation_steps": self.accumulation_steps}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,42 +77,61 @@ class TrainState:
 
     stage_index: int
     next_step: int
-    optimizer_state: dict[str, Any]
     guard_state: dict[str, Any]
+    layout: BatchLayout | None = None
+    """None in a format-2 checkpoint (it predates layouts: resume on its own workers)."""
+    folder: Path | None = None
+    """The checkpoint folder the state was read from (None for one being written)."""
+    format: int = CHECKPOINT_FORMAT
 
 
-def save_train_state(folder: Path, *, weights: dict[str, torch.Tensor], state: TrainState) -> None:
-    """Write a checkpoint folder (see the module docstring) from gathered full tensors."""
-    save_file(weights, str(folder / WEIGHTS_FILE))
-    torch.save(state.optimizer_state, folder / OPTIMIZER_FILE)
-    payload = {
+def write_state_file(folder: Path, state: TrainState) -> None:
+    """Write state.json (temp file + rename: a reader never sees half of it)."""
+    payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "stage_index": state.stage_index,
         "next_step": state.next_step,
         "guard": state.guard_state,
     }
-    (folder / STATE_FILE).write_text(json.dumps(payload))
+    if state.layout is not None:
+        payload["layout"] = state.layout.to_json()
+    staging = folder / f".{STATE_FILE}.tmp"
+    staging.write_text(json.dumps(payload))
+    os.replace(staging, folder / STATE_FILE)
 
 
-def check_format(folder: Path, payload: dict[str, Any]) -> None:
-    """Raise CheckpointFormatError unless `payload` (a state.json) is this trainer's format."""
-    if payload.get("format") != CHECKPOINT_FORMAT:
+def check_format(folder: Path | str, payload: dict[str, Any]) -> None:
+    """Raise CheckpointFormatError unless `payload` (a state.json) is a format this reads."""
+    if payload.get("format") not in READ_FORMATS:
         raise CheckpointFormatError(
             f"checkpoint {folder} has format {payload.get('format')!r}; this trainer reads "
-            f"format {CHECKPOINT_FORMAT} (start a new run.root or train.storage_path)"
+            f"formats {', '.join(map(str, READ_FORMATS))} (start a new run.root or "
+            "train.storage_path)"
         )
 
 
-def load_train_state(folder: Path, model: torch.nn.Module) -> TrainState:
-    """Restore a checkpoint folder's weights into `model` (sharded or not) and return the
-    state. Every worker calls it."""
-    for name in (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE):
+def read_train_state(folder: Path) -> TrainState:
+    """The state of a checkpoint folder, after checking its format and files."""
+    folder = Path(folder)
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointFormatError(f"checkpoint {folder} lacks {STATE_FILE}")
+    payload = json.loads(state_file.read_text())
+    check_format(folder, payload)
+    required = (
+        (DCP_METADATA_FILE,)
+        if payload["format"] == 3
+        else (LEGACY_WEIGHTS_FILE, LEGACY_OPTIMIZER_FILE)
+    )
+    for name in required:
         if not (folder / name).exists():
             raise CheckpointFormatError(f"checkpoint {folder} lacks {name}")
-    payload = json.loads((folder / STATE_FILE).read_text())
-    check_format(folder, payload)
-    load_parameters(model, load_file(str(folder / WEIGHTS_FILE)), source=f"checkpoint {folder}")
-    optimizer_state = torch.load(folder / OPTIMIZER_FILE, weights_only=True)
+    layout = payload.get("layout")
     return TrainState(
-        payload["stage_index"], payload["next_step"], optimizer_state, payload["guard"]
+        stage_index=payload["stage_index"],
+        next_step=payload["next_step"],
+        guard_state=payload["guard"],
+        layout=BatchLayout(**layout) if layout else None,
+        folder=folder,
+        format=payload["format"],
     )

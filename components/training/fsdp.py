@@ -9,9 +9,9 @@ freed after, so a worker holds 1/N of the weights, gradients and AdamW states pl
 full. With `compute_bf16` the all-gathers run in bf16 and gradients are reduce-scattered in fp32
 (MixedPrecisionPolicy); the sharded masters stay fp32.
 
-The same functions serve an unsharded (DDP-style) model, so checkpoints have one format whatever
-the strategy: full tensors by parameter name, and the optimizer state keyed by parameter name.
-Every worker must call the gather / load functions (they are collectives under FSDP).
+Checkpoints keep each worker's shards (components/training/distributed_checkpoint.py); the
+full-tensor loaders here read format-2 checkpoints (full tensors and a name-keyed AdamW state),
+sharded or not. Every worker must call them (they are collectives under FSDP).
 """
 
 from __future__ import annotations
@@ -82,22 +82,6 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def gather_parameters(model: nn.Module, prefixes: tuple[str, ...], *, rank: int) -> dict:
-    """Full CPU copies of the parameters whose names start with `prefixes`, on rank 0 (other
-    ranks take part in the all-gathers and get an empty dict). One parameter at a time, so a
-    worker never holds more than one extra full tensor on its device."""
-    reshard(model)
-    weights = {}
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not name.startswith(prefixes):
-                continue
-            whole = full_tensor(param.detach())
-            if rank == 0:
-                weights[name] = whole.cpu().contiguous()
-    return weights
-
-
 def load_parameters(model: nn.Module, weights: dict[str, torch.Tensor], *, source: str) -> None:
     """Copy full tensors into the named parameters (each worker keeps its own shard)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -124,18 +108,6 @@ def load_parameters(model: nn.Module, weights: dict[str, torch.Tensor], *, sourc
                 param.copy_(local)
             else:
                 param.copy_(tensor)
-
-
-def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's full state keyed by parameter name, on CPU (complete on rank 0)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-    )
-
-    reshard(model)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def load_optimizer_state(

@@ -17,9 +17,9 @@ function of s, so resumed steps are the steps an uninterrupted run would take.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,16 +28,13 @@ from typing import Any, Protocol
 
 import torch
 
-from components.training.checkpoint_state import TrainState, save_train_state
-from components.training.fsdp import (
-    full_tensor,
-    gather_optimizer_state,
-    gather_parameters,
-    is_sharded,
-    load_optimizer_state,
-    reshard,
-    set_gradient_sync,
+from components.training.checkpoint_state import BatchLayout, TrainState
+from components.training.distributed_checkpoint import (
+    CheckpointWriter,
+    checkpoint_entries,
+    restore_train_state,
 )
+from components.training.fsdp import full_tensor, is_sharded, reshard, set_gradient_sync
 from components.training.loader import (
     BucketIndex,
     LoaderConfig,
@@ -46,46 +43,19 @@ from components.training.loader import (
     load_micro_batch,
     plan_steps,
 )
+from components.training.loop_config import LoopConfig
 from components.training.objective import (
     LatentConvention,
-    ObjectiveConfig,
     QwenFluxModel,
     flow_matching_step_loss,
     step_generator,
     validation_losses,
     validation_samples,
 )
-from components.training.optimizer import (
-    GuardConfig,
-    OptimizerConfig,
-    StepGuard,
-    build_optimizer,
-    set_learning_rate,
-)
+from components.training.optimizer import StepGuard, build_optimizer, set_learning_rate
 from components.training.stages import StageConfig
+from model.ema import WeightAverage
 from model.flux_stages import block_prefix, select_trainable_blocks
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class LoopConfig:
-    """What the loop needs of a training config (pipelines build it from their TrainConfig)."""
-
-    stages: tuple[StageConfig, ...]
-    optimizer: OptimizerConfig
-    objective: ObjectiveConfig
-    guard: GuardConfig
-    micro_batch_size: int
-    """Samples per worker per forward/backward."""
-    accumulation_steps: int
-    """Micro-batches per worker per optimizer step."""
-    validate_every_steps: int
-    """Optimizer steps between validations (and at each stage's end)."""
-    checkpoint_every_steps: int
-    """Optimizer steps between checkpoints (and at each stage's end)."""
-    seed: int
-    """Seed of every draw (batch plans: seed + stage index; step draws: step_generator)."""
-    compute_bf16: bool = False
-    """bf16 autocast around the forwards; master weights, grads and AdamW states stay fp32."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,12 +91,13 @@ class MetricSink(Protocol):
         self, step: int, losses: dict[float, float], generated_raw: torch.Tensor, batch
     ) -> None: ...
 
-    def log_checkpoint(self, folder: Path, stage_name: str) -> None: ...
+    def log_checkpoint(self, state: TrainState, stage_name: str) -> None: ...
 
 
-PublishFn = Callable[[Path | None, dict[str, float]], None]
-"""publish(folder, metrics): hand a written checkpoint on (rank 0 gets the folder, which is
-deleted after the call; other ranks get None). Every worker calls it once per checkpoint."""
+PublishFn = Callable[[Path, dict[str, float]], None]
+"""publish(folder, metrics): hand a written checkpoint on. Every worker calls it once per
+checkpoint with the folder of its own pieces (rank 0's also holds state.json and DCP's index),
+deleted after the call; together the folders are the checkpoint."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +154,30 @@ class TrainingLoop:
         self.collectives = collectives
         self.device = data.validation_batch["vae_latent"].device
         self.reader = ShardReader()
+        self.layout = BatchLayout(collectives.world, config.accumulation_steps)
+        """The run's micro-batch slots (a resume keeps its checkpoint's)."""
+        self.writer = CheckpointWriter(rank=collectives.rank, asynchronous=config.async_checkpoints)
+        self.average = WeightAverage(config.ema.decay) if config.ema.enabled else None
         self.losses: list[float] = []
         """Every applied or skipped step's loss, in order (this run only)."""
+        self._restored: tuple[int, torch.optim.Optimizer, StepGuard] | None = None
+
+    def restore(self, state: TrainState) -> None:
+        """Load a checkpoint (components/training/checkpoint_state.read_train_state) into the
+        model, the resumed stage's AdamW and the EMA, and take its batch layout; `run(state)`
+        goes on from there. Every worker calls it while the folder exists."""
+        if state.layout is not None:
+            self.layout = state.layout
+        self.layout.slots_of(self.collectives.rank, self.collectives.world)  # splits evenly?
+        parameters = configure_stage(self.model, self.config.stages[state.stage_index])
+        optimizer = build_optimizer(parameters, self.config.optimizer)
+        if self.average is not None:
+            self.average.track(self._touched(state.stage_index))
+        shadows = self.average.shadows if self.average is not None else None
+        restore_train_state(state, self.model, optimizer, ema=shadows)
+        guard = StepGuard(self.config.guard)
+        guard.load_state_dict(state.guard_state)
+        self._restored = (state.stage_index, optimizer, guard)
 
     def run(
         self,
@@ -195,10 +188,13 @@ class TrainingLoop:
     ) -> list[float]:
         """Train from `resume` (None = the start) to the last stage's last step; returns the
         per-step losses of this run."""
+        if resume is not None and self._restored is None:
+            self.restore(resume)
         start = resume.stage_index if resume else 0
         for stage_index in range(start, len(self.config.stages)):
             own = resume if resume and resume.stage_index == stage_index else None
             self.run_stage(stage_index, resume=own, sink=sink, publish=publish)
+        self.writer.finish(publish)
         return self.losses
 
     def run_stage(
@@ -206,57 +202,64 @@ class TrainingLoop:
     ) -> None:
         config = self.config
         stage = config.stages[stage_index]
-        parameters = configure_stage(self.model, stage)
-        optimizer = build_optimizer(parameters, config.optimizer)
-        guard = StepGuard(config.guard)
-        if resume is not None:
-            load_optimizer_state(self.model, optimizer, resume.optimizer_state)
-            guard.load_state_dict(resume.guard_state)
+        if resume is not None and self._restored is not None:
+            _, optimizer, guard = self._restored
+            self._restored = None
+        else:
+            optimizer = build_optimizer(configure_stage(self.model, stage), config.optimizer)
+            guard = StepGuard(config.guard)
+        if self.average is not None:
+            self.average.track(self._touched(stage_index))
         loader = LoaderConfig(
             micro_batch_size=config.micro_batch_size,
-            accumulation_steps=config.accumulation_steps,
+            accumulation_steps=self.layout.accumulation_steps,
             seed=config.seed + stage_index,
         )
         plans = plan_steps(
             self.data.index,
             loader,
             num_steps=stage.num_steps,
-            num_workers=self.collectives.world,
+            num_workers=self.layout.workers,
             start_step=resume.next_step if resume else 0,
         )
         if sink is not None:
-            sink.start_stage(stage_index, stage, num_trainable=_count(parameters))
+            trained = [p for group in optimizer.param_groups for p in group["params"]]
+            sink.start_stage(stage_index, stage, num_trainable=sum(p.numel() for p in trained))
         for plan in plans:
             metrics = self.run_step(plan, stage_index=stage_index, optimizer=optimizer, guard=guard)
             finished = plan.step + 1 == stage.num_steps
             if sink is not None:
                 sink.log_step(plan.step, metrics)
+            self.writer.poll(publish)
             if finished or (plan.step + 1) % config.validate_every_steps == 0:
                 self.validate(sink, step=plan.step)
             if finished or (plan.step + 1) % config.checkpoint_every_steps == 0:
-                state = TrainState(stage_index, plan.step + 1, {}, guard.state_dict())
+                state = TrainState(stage_index, plan.step + 1, guard.state_dict(), self.layout)
                 self.checkpoint(state, optimizer, metrics, sink=sink, publish=publish)
+        self.writer.finish(publish)
 
     def run_step(
         self, plan: StepPlan, *, stage_index: int, optimizer, guard: StepGuard
     ) -> dict[str, float]:
-        """One optimizer step: accumulate, average, clip, judge, schedule, apply."""
+        """One optimizer step: accumulate this worker's slots, average, clip, judge, schedule,
+        apply, average the weights (EMA)."""
         started = time.perf_counter()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         optimizer.zero_grad(set_to_none=False)
         loss_sum = torch.zeros((), device=self.device)
         num_samples = num_tokens = 0
-        accumulation, rank = self.config.accumulation_steps, self.collectives.rank
-        for micro in range(accumulation):
-            set_gradient_sync(self.model, enabled=micro == accumulation - 1)
+        slots = self.layout.slots_of(self.collectives.rank, self.collectives.world)
+        for index, (virtual_rank, micro) in enumerate(slots):
+            set_gradient_sync(self.model, enabled=index == len(slots) - 1)
             batch = to_device(
-                load_micro_batch(plan.micro_batch(rank, micro), reader=self.reader), self.device
+                load_micro_batch(plan.micro_batch(virtual_rank, micro), reader=self.reader),
+                self.device,
             )
             generator = step_generator(
                 seed=self.config.seed,
                 stage_index=stage_index,
                 step=plan.step,
-                rank=rank,
+                rank=virtual_rank,
                 micro=micro,
             )
             with self.autocast():
@@ -267,8 +270,8 @@ class TrainingLoop:
                     convention=self.convention,
                     generator=generator,
                 )
-            (loss / accumulation).backward()
-            loss_sum += loss.detach() / accumulation
+            (loss / len(slots)).backward()
+            loss_sum += loss.detach() / len(slots)
             num_samples += batch["vae_latent"].shape[0]
             num_tokens += _tokens(batch)
         # FSDP has reduce-scattered (averaged) the gradients in backward; DDP averages here.
@@ -287,6 +290,7 @@ class TrainingLoop:
         )
         if verdict == "ok":
             optimizer.step()
+            self._average_weights(stage_index, plan.step)
         seconds = time.perf_counter() - started
         self.losses.append(float(loss_sum))
         world = self.collectives.world
@@ -301,41 +305,60 @@ class TrainingLoop:
             "peak_memory_mb": _peak_memory_mb(),
         }
 
+    def _average_weights(self, stage_index: int, step: int) -> None:
+        """The EMA step after an applied optimizer step (shadows follow the weights until
+        ema.start_step, counted over all stages)."""
+        if self.average is None:
+            return
+        parameters = dict(self.model.named_parameters())
+        tracked = [(name, parameters[name]) for name in self.average.shadows]
+        run_step = sum(stage.num_steps for stage in self.config.stages[:stage_index]) + step
+        if run_step < self.config.ema.start_step:
+            self.average.reset(tracked)
+        else:
+            self.average.update(tracked)
+
     def validate(self, sink: MetricSink | None, *, step: int) -> None:
-        """Rank 0 computes and logs; under FSDP every worker takes part in the forwards."""
+        """Rank 0 computes and logs; under FSDP every worker takes part in the forwards. On the
+        EMA weights when ema.validate_on says so."""
         if sink is None and not is_sharded(self.model):
             return
         objective, batch = self.config.objective, self.data.validation_batch
-        with self.autocast():
-            losses = validation_losses(
-                self.model, batch, objective=objective, convention=self.convention
-            )
-            generated = validation_samples(
-                self.model, batch, objective=objective, convention=self.convention
-            )
-        reshard(self.model)
+        on_ema = self.average is not None and self.config.ema.validate_on == "ema"
+        with self.average.applied(self.model) if on_ema else contextlib.nullcontext():
+            with self.autocast():
+                losses = validation_losses(
+                    self.model, batch, objective=objective, convention=self.convention
+                )
+                generated = validation_samples(
+                    self.model, batch, objective=objective, convention=self.convention
+                )
+            reshard(self.model)
         if sink is not None:
             sink.log_validation(step, losses, generated, batch)
 
     def checkpoint(
         self, state: TrainState, optimizer, metrics, *, sink, publish: PublishFn
     ) -> None:
-        """Every worker joins the gathers; rank 0 writes the folder; every worker publishes."""
+        """Every worker writes its own pieces (DCP) and publishes its folder."""
         stages = self.config.stages
         reported = {**metrics, "stage_index": state.stage_index, "next_step": state.next_step}
-        touched = touched_prefixes(self.model, stages, state.stage_index)
-        weights = gather_parameters(self.model, touched, rank=self.collectives.rank)
-        optimizer_state = gather_optimizer_state(self.model, optimizer)
-        with tempfile.TemporaryDirectory() as folder:
-            written = None
-            if self.collectives.rank == 0:
-                state = dataclasses.replace(state, optimizer_state=optimizer_state)
-                written = Path(folder)
-                save_train_state(written, weights=weights, state=state)
-                stage_done = state.next_step == stages[state.stage_index].num_steps
-                if stage_done and sink is not None:
-                    sink.log_checkpoint(written, stages[state.stage_index].name)
-            publish(written, reported)
+        reshard(self.model)
+        shadows = self.average.shadows if self.average is not None else None
+        entries = checkpoint_entries(
+            self.model, optimizer, self._touched_prefixes(state.stage_index), ema=shadows
+        )
+        self.writer.save(state, entries, reported, publish=publish)
+        stage_done = state.next_step == stages[state.stage_index].num_steps
+        if stage_done and sink is not None:
+            sink.log_checkpoint(state, stages[state.stage_index].name)
+
+    def _touched_prefixes(self, stage_index: int) -> tuple[str, ...]:
+        return touched_prefixes(self.model, self.config.stages, stage_index)
+
+    def _touched(self, stage_index: int) -> list[tuple[str, torch.nn.Parameter]]:
+        prefixes = self._touched_prefixes(stage_index)
+        return [(n, p) for n, p in self.model.named_parameters() if n.startswith(prefixes)]
 
     def autocast(self):
         return torch.autocast(
@@ -374,10 +397,6 @@ def conditioning_modules(model: QwenFluxModel) -> list[torch.nn.Module]:
     """What trains in every stage: the encoder tail, the connector, the T5 branch's embedder."""
     modules = [model.tail, model.connector]
     return modules if model.t5_embedder is None else [*modules, model.t5_embedder]
-
-
-def _count(parameters) -> int:
-    return sum(param.numel() for _, param in parameters)
 
 
 def _tokens(batch: dict[str, Any]) -> int:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from pipelines.environment import apply_quiet_environment  # noqa: E402
 
@@ -103,7 +104,7 @@ def _package(work: Path) -> Path:
     if (package / "package.json").is_file():
         return package
     import torch
-    from safetensors.torch import save_file
+    from checkpoint_files import write_checkpoint
 
     from components.inference.generator_parts import GeneratorSettings
     from components.inference.package import export_package
@@ -123,9 +124,8 @@ def _package(work: Path) -> Path:
         name: value.contiguous() for name, value in weights.items() if "inv_freq" not in name
     }
     checkpoint = work / "checkpoint"
-    checkpoint.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(checkpoint / "weights.safetensors"))
-    (checkpoint / "state.json").write_text(json.dumps({"stage_index": 2, "next_step": 0}))
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    write_checkpoint(checkpoint, weights)
     vae = json.loads((models.flux / "vae" / "config.json").read_text())
     export_package(
         checkpoint_dir=checkpoint,

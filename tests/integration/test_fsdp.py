@@ -3,8 +3,9 @@
 Each process builds the tiny model from the checkpoints, trains the same steps twice (plain with
 gradients all-reduced by hand, as DDP does; then sharded per block with FLUX's own gradient
 checkpointing on) and checks: the losses and the updated weights agree, the gathered weights and
-optimizer state of the sharded model equal the plain one's, and loading them into a fresh
-sharded model restores it (the next step's loss is the same). The blocks' q/k norms stay frozen,
+optimizer state of the sharded model equal the plain one's, and a distributed checkpoint of the
+sharded model (each worker writes its own shards) restored into a fresh sharded model takes the
+same next step. The blocks' q/k norms stay frozen,
 so each trained unit mixes trainable and frozen parameters, as `flux_parts` makes it; the
 T5 text branch's t5_embedder trains too, its tokens joining FLUX's text through the sharded
 transformer.
@@ -115,14 +116,16 @@ def _stage(model):
     return build_optimizer(named, OptimizerConfig(learning_rate=1e-3))
 
 
-def _worker(rank: int, port: int, models, results) -> None:
-    from components.training.fsdp import (
-        gather_optimizer_state,
-        gather_parameters,
-        load_optimizer_state,
-        load_parameters,
-        shard_model,
+def _worker(rank: int, port: int, models, results, folder) -> None:
+    from fsdp_state import gather_optimizer_state, gather_parameters, merge_into
+
+    from components.training.checkpoint_state import TrainState
+    from components.training.distributed_checkpoint import (
+        CheckpointWriter,
+        checkpoint_entries,
+        restore,
     )
+    from components.training.fsdp import shard_model
     from model.flux_forward import set_gradient_checkpointing
 
     dist.init_process_group(
@@ -147,16 +150,16 @@ def _worker(rank: int, port: int, models, results) -> None:
         optimizer_state = gather_optimizer_state(sharded, sharded_optimizer)
         plain_state = gather_optimizer_state(plain, plain_optimizer)
 
-        # Restore into a fresh sharded model: the next step must match the original's.
-        weights_all = [weights]
-        dist.broadcast_object_list(weights_all, src=0)
-        state_all = [optimizer_state]
-        dist.broadcast_object_list(state_all, src=0)
+        # Each worker writes its own shards (DCP), merged into one folder as Ray Train merges
+        # them; a fresh sharded model restored from it must take the original's next step.
+        entries = checkpoint_entries(sharded, sharded_optimizer, everything)
+        state = TrainState(0, STEPS, {"recent_norms": [], "skips": 0})
+        CheckpointWriter(rank=rank).save(state, entries, {}, publish=merge_into(folder))
+        dist.barrier()
         restored = _build(models)
         shard_model(restored, device=cpu, compute_bf16=False)
-        load_parameters(restored, weights_all[0], source="test")
         restored_optimizer = _stage(restored)
-        load_optimizer_state(restored, restored_optimizer, state_all[0])
+        restore(folder, restored, restored_optimizer)
         next_step = range(STEPS, STEPS + 1)
         original_next = _train(sharded, sharded_optimizer, rank=rank, steps=next_step, sharded=True)
         restored_next = _train(
@@ -187,12 +190,12 @@ def _worker(rank: int, port: int, models, results) -> None:
         dist.destroy_process_group()
 
 
-def test_fsdp_trains_like_ddp_and_its_state_round_trips(tiny_models_dir):
+def test_fsdp_trains_like_ddp_and_its_state_round_trips(tiny_models_dir, tmp_path):
     context = mp.get_context("spawn")
     results = context.Queue()
     mp.start_processes(
         _worker,
-        args=(_free_port(), tiny_models_dir, results),
+        args=(_free_port(), tiny_models_dir, results, tmp_path / "checkpoint"),
         nprocs=WORLD,
         start_method="spawn",
     )

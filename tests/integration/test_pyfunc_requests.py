@@ -17,9 +17,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from checkpoint_files import write_checkpoint
 from mlflow.pyfunc import PythonModelContext
 from PIL import Image
-from safetensors.torch import save_file
 
 from components.inference.package import export_package
 from components.inference.registry import (
@@ -63,8 +63,7 @@ def package(tiny_models_dir, make_untrained_parts, tmp_path_factory):
     parts = make_untrained_parts(tiny_models_dir)
     root = tmp_path_factory.mktemp("pyfunc_package")
     weights = {f"connector.{name}": value for name, value in parts.connector.state_dict().items()}
-    (root / "checkpoint").mkdir()
-    save_file(weights, str(root / "checkpoint" / "weights.safetensors"))
+    write_checkpoint(root / "checkpoint", weights)
     return export_package(
         checkpoint_dir=root / "checkpoint",
         qwen2vl=str(tiny_models_dir.qwen2vl),

@@ -10,10 +10,10 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from checkpoint_files import write_checkpoint
 from mlflow.tracking import MlflowClient
 from mlflow_servers import mlflow_server
 from PIL import Image
-from safetensors.torch import save_file
 
 from components.inference.generator_parts import GeneratorSettings
 from components.inference.package import export_package, load_package
@@ -54,8 +54,7 @@ def _package(models, folder: Path, *, seed: int) -> Path:
         "connector.bias": torch.randn(32, generator=generator),
         "tail.norm.weight": 1 + 0.1 * torch.randn(16, generator=generator),
     }
-    (folder / "checkpoint").mkdir(parents=True)
-    save_file(weights, str(folder / "checkpoint" / "weights.safetensors"))
+    write_checkpoint(folder / "checkpoint", weights)
     return export_package(
         checkpoint_dir=folder / "checkpoint",
         qwen2vl=str(models.qwen2vl),

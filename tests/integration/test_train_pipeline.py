@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
 
+from components.training.distributed_checkpoint import checkpoint_weights
 from model.flux_stages import STAGE_BLOCKS
 from pipelines.train_tracking import tracking_uri
 
@@ -55,7 +55,7 @@ def test_three_stages_train_and_the_loss_falls(trained):
 
 def test_final_checkpoint_holds_every_trained_part(trained):
     _, training = trained
-    weights = load_file(str(Path(training["checkpoint"]) / "weights.safetensors"))
+    weights = checkpoint_weights(Path(training["checkpoint"]))
     blocks = set()
     for name in weights:
         if name.startswith("transformer.transformer_blocks."):

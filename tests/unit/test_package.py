@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import checkpoint_files
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
@@ -68,11 +69,7 @@ def write_checkpoint(model: QwenFluxModel, folder: Path, *, skip: str = "") -> P
         for name, param in model.named_parameters()
         if name.startswith(TRAINED_PREFIXES) and not (skip and name.startswith(skip))
     }
-    folder.mkdir(parents=True)
-    save_file(weights, str(folder / "weights.safetensors"))
-    state = {"format": 2, "stage_index": 2, "next_step": 4, "guard": {}}
-    (folder / "state.json").write_text(json.dumps(state))
-    return folder
+    return checkpoint_files.write_checkpoint(folder, weights)
 
 
 def copy_bases(source: TinyModelPaths, dst: Path) -> TinyModelPaths:
@@ -255,16 +252,42 @@ def test_checkpoint_without_connector_fails_and_writes_nothing(exported, bases, 
 
 
 def test_unknown_or_misshapen_checkpoint_tensor_is_named(bases, tmp_path):
-    weights = tmp_path / "checkpoint" / "weights.safetensors"
-    weights.parent.mkdir()
     connector = {"connector.weight": torch.zeros(32, 16), "connector.bias": torch.zeros(32)}
-    save_file(connector | {"transformer.not_a_param": torch.zeros(1)}, str(weights))
-    with pytest.raises(PackageError, match=r"weights.safetensors: tensor 'transformer.not_a_para"):
-        export(bases, weights.parent, tmp_path / "a")
-    save_file(connector | {"tail.norm.weight": torch.zeros(3)}, str(weights))
+    unknown = connector | {"transformer.not_a_param": torch.zeros(1)}
+    folder = checkpoint_files.write_checkpoint(tmp_path / "unknown", unknown)
+    with pytest.raises(PackageError, match=r"unknown: tensor 'transformer.not_a_para"):
+        export(bases, folder, tmp_path / "a")
+    misshapen = connector | {"tail.norm.weight": torch.zeros(3)}
+    folder = checkpoint_files.write_checkpoint(tmp_path / "misshapen", misshapen)
     with pytest.raises(PackageError, match=r"'tail.norm.weight' has shape \(3,\)"):
-        export(bases, weights.parent, tmp_path / "b")
+        export(bases, folder, tmp_path / "b")
     _assert_nothing_written(tmp_path / "b")
+
+
+def test_a_format_2_checkpoint_still_exports_and_ema_is_chosen_by_name(exported, bases, tmp_path):
+    """Checkpoints written before DCP (full tensors in safetensors) export to the same package;
+    a checkpoint with EMA shadows exports them on request, one without refuses by name."""
+    model = exported[0]
+    weights = {
+        name: param.detach()
+        for name, param in model.named_parameters()
+        if name.startswith(TRAINED_PREFIXES)
+    }
+    legacy = checkpoint_files.write_legacy_checkpoint(tmp_path / "legacy", weights)
+    package = export(bases, legacy, tmp_path / "pkg_legacy")
+    current = package_module.load_file(str(exported[2] / package_module.CONNECTOR_FILE))
+    stored = package_module.load_file(str(package / package_module.CONNECTOR_FILE))
+    assert all(torch.equal(stored[key], current[key]) for key in current)
+    with pytest.raises(ValueError, match="format 2.*no EMA"):
+        export(bases, legacy, tmp_path / "pkg_legacy_ema", weights="ema")
+    shadows = {name: value + 1.0 for name, value in weights.items()}
+    with_ema = checkpoint_files.write_checkpoint(tmp_path / "ema", weights, ema=shadows)
+    package = export(bases, with_ema, tmp_path / "pkg_ema", weights="ema")
+    stored = package_module.load_file(str(package / package_module.CONNECTOR_FILE))
+    assert torch.equal(stored["weight"], shadows["connector.weight"])
+    assert json.loads((package / "package.json").read_text())["checkpoint"]["weights"] == "ema"
+    with pytest.raises(ValueError, match="holds no EMA"):
+        export(bases, exported[1], tmp_path / "pkg_no_ema", weights="ema")
 
 
 def test_failure_while_writing_leaves_nothing_behind(exported, bases, tmp_path, monkeypatch):
@@ -294,11 +317,10 @@ def test_the_t5_embedder_comes_from_the_checkpoint_or_rides_along(exported, base
     without any is refused, writing nothing."""
     model, checkpoint, _ = exported
     trained = _t5_linear(bases, seed=5)
-    folder = write_checkpoint(model, tmp_path / "t5_checkpoint")
-    weights = folder / "weights.safetensors"
     state = {name: param.detach().contiguous() for name, param in model.named_parameters()}
     kept = {name: state[name] for name in state if name.startswith(TRAINED_PREFIXES)}
-    save_file(kept | {f"t5_embedder.{k}": v for k, v in trained.state_dict().items()}, str(weights))
+    embedder = {f"t5_embedder.{k}": v for k, v in trained.state_dict().items()}
+    folder = checkpoint_files.write_checkpoint(tmp_path / "t5_checkpoint", kept | embedder)
     t5_settings = dataclasses.replace(SETTINGS, text_branch="t5")
     package = export(bases, folder, tmp_path / "pkg_t5", settings=t5_settings)
     parts = load_package(package)
