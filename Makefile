@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch lies on disk here; on CUDA machines set TORCH_SPEC to the wheel you want.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-cluster test-workflow test-fast bench golden lint clean
+.PHONY: install demo test test-cluster test-resume test-workflow test-fast bench golden lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,18 +23,24 @@ demo: $(STAMP)
 	mkdir -p runs/demo/tmp
 	TMPDIR=$(CURDIR)/runs/demo/tmp $(VENV)/bin/qwenflux demo --config pipelines/configs/tiny.toml
 
-# Every test but two suites that .ci/run runs after it: `cluster` (a real two-process Ray
-# cluster, MLflow and S3 servers on 127.0.0.1; make test-cluster) and `workflow` (whole
-# workflows killed inside every step and refreshed with a new url list; make test-workflow).
+# Every test but three suites that .ci/run runs after it: `cluster` (a real two-process Ray
+# cluster, MLflow and S3 servers on 127.0.0.1; make test-cluster), `resume` (trainings
+# SIGKILLed mid-stage and resumed on two workers and on one; make test-resume) and `workflow`
+# (whole workflows killed inside every step and refreshed with a new url list; make test-workflow).
 test: $(STAMP)
 	mkdir -p .tmp
 	$(VENV)/bin/ruff check pipelines components model tests
-	TMPDIR=$(CURDIR)/.tmp $(PY) -m pytest -q -m "not cluster and not workflow" tests; rc=$$?; \
+	TMPDIR=$(CURDIR)/.tmp $(PY) -m pytest -q -m "not cluster and not workflow and not resume" tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests selected"; rc=0; fi; exit $$rc
 
 test-cluster: $(STAMP)
 	mkdir -p .tmp
 	TMPDIR=$(CURDIR)/.tmp $(PY) -m pytest -q -m cluster tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "no tests selected"; rc=0; fi; exit $$rc
+
+test-resume: $(STAMP)
+	mkdir -p .tmp
+	TMPDIR=$(CURDIR)/.tmp $(PY) -m pytest -q -m resume tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no tests selected"; rc=0; fi; exit $$rc
 
 test-workflow: $(STAMP)

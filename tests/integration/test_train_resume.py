@@ -1,11 +1,14 @@
-"""Exact resume of training: a straight run vs a run SIGKILLed in stage 2 (the whole process
-group, as a crash would) and rerun with the same command. The per-step losses match to 1e-6,
-and the rerun really resumed (stage 1 was not trained again).
+"""Exact resume of training from distributed checkpoints: a straight two-worker run vs runs
+SIGKILLed mid-stage (the whole process group, as a crash would) and rerun, on the same two
+workers and on one. The per-step losses match to 1e-6, and the reruns really resumed mid-stage.
+(`make test-resume`: these runs take minutes, so make test leaves them to .ci/run.)
 
-The straight run uses DDP, the killed one FSDP2 (per-block sharding, sharded AdamW states
-gathered into the checkpoint and scattered back on resume), so the same comparison also shows
-that FSDP trains exactly what DDP trains."""
+The straight run uses DDP, the killed ones FSDP2 (per-block sharding; each worker writes its
+shards of the weights and AdamW states, and reads back what its new shards cover), so the same
+comparison also shows that FSDP trains exactly what DDP trains, and that a checkpoint written
+by two sharded workers resumes on one unsharded one."""
 
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from subprocess_runs import start_group
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.resume]
 
 STEPS = (3, 3, 3)
 
@@ -96,6 +99,22 @@ def _wait_for_steps(root: Path, process: subprocess.Popen, stage: str, count: in
         time.sleep(0.3)
 
 
+def _wait_for_checkpoint(
+    root: Path, process: subprocess.Popen, *, stage_index: int, next_step: int
+) -> None:
+    """A checkpoint of (stage_index, next_step) is in the training's storage (kill after it to
+    resume mid-stage)."""
+    deadline = time.monotonic() + 600
+    while True:
+        for state_file in (root / "train").glob("*/checkpoint_*/state.json"):
+            state = json.loads(state_file.read_text())
+            if (state["stage_index"], state["next_step"]) == (stage_index, next_step):
+                return
+        assert process.poll() is None, "the run ended before the planned kill"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
 def _train_workers(process: subprocess.Popen) -> list[psutil.Process]:
     return [
         child
@@ -132,6 +151,8 @@ def test_killed_worker_then_sigkill_then_rerun_matches_straight_run(
     assert replaced and not replaced & {worker.pid for worker in workers}, (
         "Ray Train did not restart the worker group"
     )
+    _wait_for_checkpoint(root, run, stage_index=2, next_step=2)
+    _wait_for_steps(root, run, "stage3", 3)  # the report of (stage 3, step 2) has returned
     os.killpg(run.pid, signal.SIGKILL)
     run.communicate(timeout=60)
     assert run.returncode != 0, "the run ended before the kill; nothing was resumed"
@@ -142,4 +163,41 @@ def test_killed_worker_then_sigkill_then_rerun_matches_straight_run(
     got = _losses(root)
     steps_of_stage_one = [step for step, _ in got["stage1"]]
     assert steps_of_stage_one.count(0) == 1, "the rerun started from scratch instead of resuming"
+    stage_three = [step for step, _ in got["stage3"]]
+    assert stage_three.count(0) == stage_three.count(1) == 1, (
+        f"stage 3 did not resume mid-stage (logged steps {stage_three})"
+    )
+    _assert_same_losses(got, expected)
+
+
+def test_sigkill_mid_stage_on_two_fsdp_workers_then_resume_on_one_worker(
+    tmp_path, tiny_models_dir, straight
+):
+    """Two FSDP workers write their own shards; the run is SIGKILLed inside stage 2 and resumed
+    on ONE unsharded worker (the checkpoint resharded on load, the run's 2 x 2 micro-batch
+    slots run by one worker). Stage 2 goes on mid-stage, and every per-step loss equals the
+    straight two-worker run's within 1e-6."""
+    dataset, expected = straight
+    root = tmp_path / "one-worker"
+    run = start_group(_command(root, tiny_models_dir, dataset, strategy="fsdp"))
+    _wait_for_checkpoint(root, run, stage_index=1, next_step=2)
+    _wait_for_steps(root, run, "stage2", 3)  # the report of (stage 2, step 2) has returned
+    os.killpg(run.pid, signal.SIGKILL)
+    run.communicate(timeout=60)
+
+    one_worker = _command(root, tiny_models_dir, dataset) + [
+        "--set",
+        "train.resources.num_workers=1",
+        "--set",
+        "train.resources.cpus_per_worker=1",
+    ]
+    rerun = start_group(one_worker)
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, output[-3000:]
+    got = _losses(root)
+    assert [step for step, _ in got["stage1"]].count(0) == 1, "stage 1 was trained again"
+    stage_two = [step for step, _ in got["stage2"]]
+    assert stage_two.count(0) == stage_two.count(1) == 1, (
+        f"stage 2 did not resume mid-stage (logged steps {stage_two})"
+    )
     _assert_same_losses(got, expected)
