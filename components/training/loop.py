@@ -161,6 +161,8 @@ class TrainingLoop:
         self.losses: list[float] = []
         """Every applied or skipped step's loss, in order (this run only)."""
         self._restored: tuple[int, torch.optim.Optimizer, StepGuard] | None = None
+        self._tracked: list[tuple[str, torch.nn.Parameter]] = []
+        """The EMA's (name, parameter) pairs of the current stage (set at its start)."""
 
     def restore(self, state: TrainState) -> None:
         """Load a checkpoint (components/training/checkpoint_state.read_train_state) into the
@@ -210,6 +212,8 @@ class TrainingLoop:
             guard = StepGuard(config.guard)
         if self.average is not None:
             self.average.track(self._touched(stage_index))
+            parameters = dict(self.model.named_parameters())
+            self._tracked = [(name, parameters[name]) for name in self.average.shadows]
         loader = LoaderConfig(
             micro_batch_size=config.micro_batch_size,
             accumulation_steps=self.layout.accumulation_steps,
@@ -310,13 +314,11 @@ class TrainingLoop:
         ema.start_step, counted over all stages)."""
         if self.average is None:
             return
-        parameters = dict(self.model.named_parameters())
-        tracked = [(name, parameters[name]) for name in self.average.shadows]
         run_step = sum(stage.num_steps for stage in self.config.stages[:stage_index]) + step
         if run_step < self.config.ema.start_step:
-            self.average.reset(tracked)
+            self.average.reset(self._tracked)
         else:
-            self.average.update(tracked)
+            self.average.update(self._tracked)
 
     def validate(self, sink: MetricSink | None, *, step: int) -> None:
         """Rank 0 computes and logs; under FSDP every worker takes part in the forwards. On the
